@@ -1,0 +1,24 @@
+"""PLACEHOLDER: to be implemented."""
+
+from ._base import Aggregator
+
+
+class CAGrad(Aggregator):
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, x, /):
+        raise NotImplementedError
+
+
+from ._base import Weighting
+
+
+class CAGradWeighting(Weighting):
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, x, /):
+        raise NotImplementedError
+
+

@@ -1,0 +1,13 @@
+"""PLACEHOLDER: to be implemented."""
+
+from ._base import Aggregator
+
+
+class ConFIG(Aggregator):
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, x, /):
+        raise NotImplementedError
+
+

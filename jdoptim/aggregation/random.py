@@ -1,0 +1,24 @@
+"""PLACEHOLDER: to be implemented."""
+
+from ._base import Aggregator
+
+
+class Random(Aggregator):
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, x, /):
+        raise NotImplementedError
+
+
+from ._base import Weighting
+
+
+class RandomWeighting(Weighting):
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, x, /):
+        raise NotImplementedError
+
+

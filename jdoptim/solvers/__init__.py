@@ -1,0 +1,1 @@
+"""Solvers for the small convex problems behind the weightings (dual-cone QP, simplex problems)."""
