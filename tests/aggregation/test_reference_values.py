@@ -17,11 +17,24 @@ from jdoptim.aggregation import Aggregator
 
 from .reference import DTYPES, build, float64_twin, input_matrix, record_id, records
 
+# CLARABEL (torchjd's CAGrad solver) stops at a relative gap of 1e-8, which leaves these flat
+# problems visibly away from the exact optimum (J_base, c=1: exact weights [1.2, 0.8], reference
+# [1.199979, 0.799968]; J_Krum, c=0.5: w_4 exact 2.906513, reference 2.914860). jdoptim's solver
+# finds the exact, KKT-verified optimum (tests/aggregation/test_cagrad.py pins it to 3e-7), so
+# these records are compared at the reference's own accuracy.
+_INEXACT_REFERENCE = {
+    ("CAGrad(c=1.0)", "J_base"): 2e-4,
+    ("CAGrad(c=0.5)", "J_Krum"): 5e-3,
+    ("CAGradWeighting(c=0.5)", "J_Krum"): 5e-3,
+}
+
 
 def _tolerance(r: dict) -> float:
     ctor = r["ctor"]
     if ctor.startswith("NashMTL"):
         return 1e-4
+    if (ctor, r.get("input")) in _INEXACT_REFERENCE:
+        return _INEXACT_REFERENCE[(ctor, r.get("input"))]
     if ctor.startswith("CAGrad"):
         return 2e-5 if r["dtype"] == "float32" else 1e-5
     return 2e-5 if r["dtype"] == "float32" else 1e-6

@@ -1,0 +1,160 @@
+"""The three standard workloads of ``shared/research/torchjd_timings.md`` and their plain steps.
+
+* **W1 MTL**: shared MLP encoder 64→256→256 (ReLU) + m linear heads 256→1, batch 128,
+  per-task MSE: a vector of m losses.
+* **W2 IWRM**: MLP 32→128→128→10, per-sample cross-entropy (m = batch size).
+* **W3 CNN IWRM**: Conv(3→16,3x3)-ReLU-Conv(16→32,3x3)-ReLU-global avg pool-Linear(32→10),
+  input 3x32x32, batch 32, per-sample cross-entropy.
+
+Each workload builds a fresh model, a fixed batch and a ``losses(model)`` function; the timing
+scripts wrap them in a plain SGD step, jdoptim steps and (when installed) torchjd's variants.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class MTLNet(nn.Module):
+    def __init__(self, n_tasks: int) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(256, 1) for _ in range(n_tasks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.encoder(x)
+        return torch.cat([head(h) for head in self.heads], dim=1)
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    losses: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    kind: str  # "mtl" or "iwrm"
+
+    def mean_loss(self) -> Tensor:
+        return self.losses(self.model, self.x, self.y).mean()
+
+
+def make(name: str, size: int, seed: int = 0) -> Workload:
+    """``make("W1", m)``, ``make("W2", batch)``, ``make("W3", batch)``."""
+    torch.manual_seed(seed)
+    if name == "W1":
+        model = MTLNet(size)
+        x, y = torch.randn(128, 64), torch.randn(128, size)
+        return Workload(
+            f"W1 m={size}", model, x, y, lambda mdl, a, b: ((mdl(a) - b) ** 2).mean(0), "mtl"
+        )
+    if name == "W2":
+        model = nn.Sequential(
+            nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+        x, y = torch.randn(size, 32), torch.randint(0, 10, (size,))
+    elif name == "W3":
+        model = cnn()
+        x, y = torch.randn(size, 3, 32, 32), torch.randint(0, 10, (size,))
+    else:
+        raise ValueError(name)
+    return Workload(
+        f"{name} B={size}",
+        model,
+        x,
+        y,
+        lambda mdl, a, b: F.cross_entropy(mdl(a), b, reduction="none"),
+        "iwrm",
+    )
+
+
+def median_ms(step: Callable[[], object], warmup: int = 5, repeats: int = 30) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def plain_step(w: Workload) -> Callable[[], None]:
+    opt = torch.optim.SGD(w.model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad()
+        w.mean_loss().backward()
+        opt.step()
+
+    return step
+
+
+def torchjd_steps(w: Workload) -> dict[str, Callable[[], None]]:
+    """torchjd 0.18's UPGrad variants for this workload (empty if torchjd is not installed)."""
+    try:
+        from torchjd.aggregation import UPGrad, UPGradWeighting
+        from torchjd.autogram import Engine
+        from torchjd.autojac import backward, jac_to_grad, mtl_backward
+    except ImportError:
+        return {}
+    params = list(w.model.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3)
+    steps: dict[str, Callable[[], None]] = {}
+
+    def jacobian_all() -> None:
+        opt.zero_grad()
+        backward(w.losses(w.model, w.x, w.y))
+        jac_to_grad(params, UPGrad())
+        opt.step()
+
+    steps["autojac"] = jacobian_all
+    # The autogram engine hooks its model for good: give it a copy of its own.
+    gram_model = copy.deepcopy(w.model)
+    gram_opt = torch.optim.SGD(gram_model.parameters(), lr=1e-3)
+    engine = Engine(gram_model, batch_dim=0 if w.kind == "iwrm" else None)
+    weighting = UPGradWeighting()
+
+    def autogram() -> None:
+        gram_opt.zero_grad()
+        losses = w.losses(gram_model, w.x, w.y)
+        losses.backward(weighting(engine.compute_gramian(losses)))
+        gram_opt.step()
+
+    steps["autogram"] = autogram
+    if w.kind == "mtl":
+        shared = list(w.model.encoder.parameters())
+
+        def mtl() -> None:
+            opt.zero_grad()
+            features = w.model.encoder(w.x)
+            losses = [
+                ((head(features)[:, 0] - w.y[:, k]) ** 2).mean()
+                for k, head in enumerate(w.model.heads)
+            ]
+            mtl_backward(losses, features=features)
+            jac_to_grad(shared, UPGrad())
+            opt.step()
+
+        steps["mtl_backward"] = mtl
+    return steps

@@ -1,0 +1,322 @@
+r"""The functional pieces of a Jacobian-descent step (what :class:`jdoptim.JDOptimizer` runs).
+
+For losses :math:`L \in \mathbb{R}^{m_1 \times \dots \times m_k}` and the JD parameters
+:math:`\theta`:
+
+1. **Gramian engine** (:mod:`jdoptim.gramian`): :math:`G = J J^\top` with
+   :math:`J = \partial\,\mathrm{vec}(L) / \partial \theta \in \mathbb{R}^{M \times n}`,
+   :math:`M = \prod_i m_i`;
+2. **weighting** (:mod:`jdoptim.aggregation`): :math:`w = \mathcal{W}(G)` (for a vector of
+   losses) or :math:`W = \mathcal{W}(\mathcal{G})` on the generalized Gramian (losses of
+   higher order), or an aggregator applied to the materialised :math:`J`;
+3. **weighted gradient**: :math:`\nabla_\theta \mathrel{+}= J^\top w` accumulated into
+   ``.grad``; the other parameters (partial JD) get :math:`\nabla (w^\top L)` (or
+   :math:`\nabla (\mathbb{1}^\top L)`);
+4. the inner optimizer's step (in :class:`jdoptim.JDOptimizer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .aggregation import Flattening
+from .aggregation._base import (
+    Aggregator,
+    GeneralizedWeighting,
+    GramianWeightedAggregator,
+    WeightedAggregator,
+    Weighting,
+)
+from .aggregation._checks import value_checks
+from .gramian import GramianEngine, to_generalized_gramian
+
+NonFinitePolicy = Literal["raise", "skip", "propagate"]
+OtherParamsGrad = Literal["weighted", "sum"]
+_POLICIES = ("raise", "skip", "propagate")
+_OTHER = ("weighted", "sum")
+
+
+class NonFiniteError(ValueError):
+    """Raised when the losses or their Gramian hold NaN or inf (``nonfinite="raise"``)."""
+
+
+class WeightingStrategy:
+    """How weights are obtained from a user's ``Weighting``, ``GeneralizedWeighting`` or
+    ``Aggregator`` (resolved once).
+
+    * a Gramian-weighted aggregator (e.g. ``UPGrad()``) uses its ``gramian_weighting``;
+    * a ``Weighting`` reads the ``[M, M]`` Gramian of a vector of losses, and is wrapped in
+      :class:`~jdoptim.aggregation.Flattening` for losses of higher order;
+    * a ``GeneralizedWeighting`` reads the generalized Gramian ``[m1..mk, mk..m1]``;
+    * any other aggregator reads the materialised Jacobian ``[M, n]``; a
+      ``WeightedAggregator`` (forward not overridden) yields weights, the others only an
+      update (their weights are ``None``).
+
+    >>> from jdoptim.aggregation import Mean, MeanWeighting
+    >>> WeightingStrategy(MeanWeighting()).needs_jacobian, WeightingStrategy(Mean()).needs_jacobian
+    (False, True)
+    """
+
+    def __init__(self, weighting: Weighting | GeneralizedWeighting | Aggregator) -> None:
+        self.source = weighting
+        self.gramian_weighting: Weighting | None = None
+        self.generalized: GeneralizedWeighting | None = None
+        self.aggregator: Aggregator | None = None
+        if isinstance(weighting, GramianWeightedAggregator):
+            self.gramian_weighting = weighting.gramian_weighting
+        elif isinstance(weighting, Aggregator):
+            self.aggregator = weighting
+        elif isinstance(weighting, GeneralizedWeighting):
+            self.generalized = weighting
+        elif isinstance(weighting, Weighting):
+            self.gramian_weighting = weighting
+        else:
+            raise TypeError(
+                "`weighting` should be a jdoptim.aggregation Weighting, GeneralizedWeighting or "
+                f"Aggregator. Found `{type(weighting).__name__}`."
+            )
+        if self.gramian_weighting is not None:
+            self.generalized = Flattening(self.gramian_weighting)
+
+    @property
+    def needs_jacobian(self) -> bool:
+        """Whether the materialised Jacobian (not only the Gramian) is needed."""
+        return self.aggregator is not None
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether the strategy produces weights (every one but plain Jacobian aggregators)."""
+        return self.aggregator is None or self._weighted_aggregator
+
+    @property
+    def _weighted_aggregator(self) -> bool:
+        agg = self.aggregator
+        return isinstance(agg, WeightedAggregator) and (
+            type(agg).forward is WeightedAggregator.forward
+        )
+
+    def weights_from_gramian(self, gramian: Tensor, shape: torch.Size) -> Tensor:
+        """Weights of shape ``shape`` from the flat ``[M, M]`` Gramian."""
+        if self.gramian_weighting is not None and len(shape) == 1:
+            weights = self.gramian_weighting(gramian)
+        else:
+            assert self.generalized is not None
+            weights = self.generalized(to_generalized_gramian(gramian, shape))
+        _check_weights_shape(weights, shape)
+        return weights
+
+
+def _check_weights_shape(weights: Tensor, shape: torch.Size) -> None:
+    if not isinstance(weights, Tensor) or weights.shape != shape:
+        found = weights.shape if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(
+            f"The weighting returned weights of shape {found} for losses of shape {shape}."
+        )
+
+
+def check_losses(losses: Tensor) -> None:
+    """Raise ``ValueError``/``TypeError`` for losses that JD cannot differentiate.
+
+    >>> import torch
+    >>> check_losses(torch.ones(2))
+    Traceback (most recent call last):
+    ...
+    ValueError: `losses` does not require grad: ...
+    """
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"`losses` should be a Tensor. Found `{type(losses).__name__}`.")
+    if losses.numel() == 0:
+        raise ValueError(f"`losses` should not be empty. Found `losses.shape = {losses.shape}`.")
+    if not losses.is_floating_point():
+        raise ValueError(f"`losses` should be floating point. Found dtype {losses.dtype}.")
+    if not losses.requires_grad:
+        raise ValueError(
+            "`losses` does not require grad: compute it from parameters that require grad, "
+            "with grad enabled."
+        )
+
+
+@dataclass
+class JDOutput:
+    """What :func:`jd_backward` did."""
+
+    weights: Tensor | None
+    """Detached weights, shape of the losses (``None`` for a non-weighted aggregator; NaN if
+    the step was skipped)."""
+    gramian: Tensor | None
+    """Detached ``[M, M]`` Gramian over the JD parameters."""
+    skipped: bool = False
+    """Eager only: the losses or Gramian were non-finite and nothing was written."""
+    ok: Tensor | None = None
+    """Under ``torch.compile`` with a checking policy: a 0-d bool tensor, ``False`` when the
+    step was non-finite (the gradients were then left unchanged). The caller reads it later."""
+
+
+def _accumulate(param: Tensor, grad: Tensor, ok: Tensor | None) -> None:
+    grad = grad.detach()
+    if ok is None:
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
+    elif param.grad is None:
+        param.grad = torch.where(ok, grad, torch.zeros_like(grad))
+    else:
+        param.grad.copy_(torch.where(ok, param.grad + grad, param.grad))
+
+
+def _maybe_no_value_checks(policy: NonFinitePolicy) -> contextlib.AbstractContextManager:
+    if policy == "propagate" and not torch.compiler.is_compiling():
+        return value_checks("never")
+    return contextlib.nullcontext()
+
+
+def jd_backward(
+    losses: Tensor,
+    params: Sequence[Tensor],
+    strategy: WeightingStrategy,
+    engine: GramianEngine,
+    *,
+    other_params: Sequence[Tensor] = (),
+    other_params_grad: OtherParamsGrad = "weighted",
+    nonfinite: NonFinitePolicy = "raise",
+    retain_graph: bool = False,
+) -> JDOutput:
+    r"""Accumulate the Jacobian-descent gradient of ``losses`` into ``.grad`` (steps 1–3 of the
+    module docstring) and return the weights.
+
+    :param losses: any floating tensor of losses requiring grad. A 0-d loss is an ordinary
+        backward (weight ``1``).
+    :param params: the JD parameters (the Jacobian is taken with respect to them).
+    :param strategy: the resolved weighting (:class:`WeightingStrategy`).
+    :param engine: the Gramian engine.
+    :param other_params: parameters that get the gradient of the weighted loss
+        :math:`w^\top L` (``other_params_grad="weighted"``) or of :math:`\mathbb{1}^\top L`
+        (``"sum"``) instead of taking part in the Jacobian (partial JD).
+    :param nonfinite: ``"raise"`` (:class:`NonFiniteError`, nothing written), ``"skip"`` (nothing
+        written, ``skipped=True``) or ``"propagate"`` (no check, no host sync: NaN/inf flow into
+        the gradients, e.g. for ``GradScaler``). Eagerly the check is one device-to-host read;
+        under ``torch.compile`` it is not read here: the gradients are written masked and the
+        flag is returned in ``ok``.
+    :param retain_graph: keep the graph of ``losses`` after the call.
+
+    >>> import torch
+    >>> from jdoptim.aggregation import UPGradWeighting
+    >>> from jdoptim.gramian import JacobianEngine
+    >>> x = torch.tensor([1.0, -1.0], requires_grad=True)
+    >>> losses = torch.stack([x[0] - x[1], x[1] - x[0] + x[0]])  # J = [[1, -1], [0, 1]]
+    >>> out = jd_backward(losses, [x], WeightingStrategy(UPGradWeighting()), JacobianEngine())
+    >>> bool(((out.gramian.to(x.dtype) @ out.weights) >= -1e-6).all())  # no conflict
+    True
+    """
+    check_losses(losses)
+    if nonfinite not in _POLICIES:
+        raise ValueError(f"`nonfinite` should be one of {_POLICIES}, but got {nonfinite!r}.")
+    if other_params_grad not in _OTHER:
+        raise ValueError(
+            f"`other_params_grad` should be one of {_OTHER}, but got {other_params_grad!r}."
+        )
+    params = list(params)
+    other_params = list(other_params)
+    if not params and not other_params:
+        raise ValueError("There is no parameter requiring grad to differentiate the losses for.")
+    compiling = torch.compiler.is_compiling()
+    check = nonfinite != "propagate"
+    # Under torch.compile the losses may outlive this graph (e.g. held by a caller's frame across
+    # the inner optimizer's graph break); Dynamo then requires the traced autograd calls to
+    # retain their graph. Inside one graph this costs nothing.
+    retain_graph = retain_graph or compiling
+
+    if losses.ndim == 0:
+        return _scalar_backward(losses, params + other_params, check, nonfinite, retain_graph)
+
+    if not params:
+        raise ValueError("Jacobian descent needs at least one JD parameter requiring grad.")
+    flat = losses.reshape(-1)
+    result = engine.compute(flat, params, retain_graph=retain_graph or bool(other_params))
+    gramian = result.gramian.detach()
+
+    ok: Tensor | None = None
+    if check:
+        flag = torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all()
+        if compiling:
+            ok = flag
+        elif not bool(flag):  # the one host read of the step (documented)
+            if nonfinite == "raise":
+                raise NonFiniteError(
+                    "The losses or their Gramian hold NaN or inf; no gradient was written. Use "
+                    "nonfinite='skip' to skip such steps."
+                )
+            nan = torch.full(losses.shape, float("nan"), dtype=gramian.dtype, device=flat.device)
+            return JDOutput(weights=nan, gramian=gramian, skipped=True)
+
+    weights: Tensor | None
+    with torch.no_grad(), _maybe_no_value_checks(nonfinite):
+        if strategy.aggregator is None:
+            weights = strategy.weights_from_gramian(gramian, losses.shape)
+            grads = result.weighted_gradient(weights.reshape(-1))
+        elif strategy.has_weights:
+            agg = strategy.aggregator
+            assert isinstance(agg, WeightedAggregator)
+            weights = agg.weighting(result.jacobian())
+            _check_weights_shape(weights, flat.shape)
+            weights = weights.reshape(losses.shape)
+            grads = result.weighted_gradient(weights.reshape(-1))
+        else:
+            weights = None
+            grads = result.split(strategy.aggregator(result.jacobian()))
+
+    other_grads: Sequence[Tensor | None] = []
+    if other_params:
+        if other_params_grad == "weighted":
+            if weights is None:
+                raise ValueError(
+                    f"{strategy.source!r} produces no weights; use other_params_grad='sum' with it."
+                )
+            grad_outputs = weights.reshape(-1).to(flat.dtype)
+        else:
+            grad_outputs = torch.ones_like(flat)
+        other_grads = torch.autograd.grad(
+            flat, other_params, grad_outputs, retain_graph=retain_graph, allow_unused=True
+        )
+
+    for p, g in zip(params + other_params, list(grads) + list(other_grads), strict=True):
+        if g is not None:
+            _accumulate(p, g, ok)
+    detached = None if weights is None else weights.detach()
+    return JDOutput(weights=detached, gramian=gramian, ok=ok)
+
+
+def _scalar_backward(
+    loss: Tensor,
+    params: list[Tensor],
+    check: bool,
+    nonfinite: NonFinitePolicy,
+    retain_graph: bool,
+) -> JDOutput:
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    sq = [g.detach().float().square().sum() for g in grads if g is not None]
+    gramian = torch.stack(sq).sum().reshape(1, 1) if sq else loss.new_zeros(1, 1).float()
+    ok: Tensor | None = None
+    if check:
+        flag = torch.isfinite(gramian).all() & torch.isfinite(loss.detach())
+        if torch.compiler.is_compiling():
+            ok = flag
+        elif not bool(flag):
+            if nonfinite == "raise":
+                raise NonFiniteError(
+                    "The loss or its gradient holds NaN or inf; no gradient was written."
+                )
+            nan = torch.full((), float("nan"), dtype=gramian.dtype, device=loss.device)
+            return JDOutput(weights=nan, gramian=gramian, skipped=True)
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            _accumulate(p, g, ok)
+    ones = torch.ones((), dtype=gramian.dtype, device=loss.device)
+    return JDOutput(weights=ones, gramian=gramian, ok=ok)

@@ -1,0 +1,464 @@
+r"""Per-sample gradient *factors* of the layer-wise engine and the per-module rules that make them.
+
+Everything here works in an internal layout where a per-sample quantity has leading dimensions
+``[B, K]``: ``B`` samples along the batch dimension and ``K`` losses per sample (``K = 1`` for a
+loss vector of shape ``[B]``). The per-sample Gramian is a ``[B, K, B, K]`` tensor.
+
+A *factor* describes the per-sample gradients of one or more parameters without (necessarily)
+materialising them:
+
+* :class:`LinearFactor`: a weight whose per-sample gradient is
+  :math:`g_{bk} = \sum_t \delta^k_{bt} a_{bt}^\top` (``nn.Linear``; ``nn.Conv1d/2d`` after
+  ``unfold``, one block per group), with an optional bias :math:`\sum_t \delta^k_{bt}`;
+* :class:`EmbeddingFactor`: ``nn.Embedding``, :math:`g_{bk} = \sum_t e_{i_{bt}}
+  (\delta^k_{bt})^\top`;
+* :class:`PerSample`: per-sample gradients ``[B, K, n]`` held in memory.
+
+A *rule* says what a forward hook stores for one module type (:meth:`Rule.save`), whether a
+stored call is per-sample (:meth:`Rule.valid`), and which factors it yields once the gradients of
+the losses with respect to the module's output are known (:meth:`Rule.factors`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_RMSNorm = getattr(nn, "RMSNorm", nn.LayerNorm)
+
+Want = Callable[[int], bool]
+"""``want(i)`` is true when the engine parameter of index ``i`` is differentiated."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Static sizes of one Gramian computation."""
+
+    B: int
+    K: int
+    batch_dim: int
+
+
+def _flat(D: Tensor, B: int, K: int, p: int) -> Tensor:
+    """``[B, K, ..., p]`` -> ``[B, K, T, p]``."""
+    return D.reshape(B, K, -1, p)
+
+
+class PerSample:
+    r"""Per-sample gradients held in memory: ``grads[i]`` is ``[B, K, n_i]`` for parameter ``i``.
+
+    Gramian :math:`J J^\top` with :math:`J = [J_1, \dots]` (one matrix product); weighted
+    gradient :math:`\sum_{bk} w_{bk} J_{i,bk}`.
+    """
+
+    def __init__(self, grads: dict[int, Tensor]) -> None:
+        self.grads = grads
+
+    def add(self, other: dict[int, Tensor]) -> None:
+        for i, J in other.items():
+            self.grads[i] = J if i not in self.grads else self.grads[i] + J
+
+    def gram(self, dims: Dims) -> Tensor | None:
+        if not self.grads:
+            return None
+        BK = dims.B * dims.K
+        J = torch.cat([J.reshape(BK, -1) for J in self.grads.values()], dim=1)
+        return (J @ J.mT).reshape(dims.B, dims.K, dims.B, dims.K)
+
+    def weighted(self, w: Tensor) -> dict[int, Tensor]:
+        return {i: torch.einsum("bk,bkn->n", w, J) for i, J in self.grads.items()}
+
+
+class LinearFactor:
+    r"""Weight (and bias) of a linear map applied position-wise, in ``G`` independent groups.
+
+    ``A`` is ``[G, B, T, d]`` (inputs), ``D`` is ``[G, B, K, T, p]`` (gradients of the losses with
+    respect to the outputs). The per-sample gradient of the weight block of group ``g`` is
+    :math:`\sum_t D_{gbkt} A_{gbt}^\top \in \mathbb{R}^{p \times d}`; its Gramian, without
+    forming it, is
+
+    .. math:: \mathcal{G}_{bk,cl} = \sum_g \sum_{t,s} (A_{gbt} \cdot A_{gcs} + [\text{bias}])
+        (D_{gbkt} \cdot D_{gcls}),
+
+    the ``+1`` folding in the bias, whose per-sample gradient is :math:`\sum_t D_{gbkt}`.
+    """
+
+    def __init__(self, weight: int, bias: int | None, A: Tensor, D: Tensor) -> None:
+        self.weight, self.bias, self.A, self.D = weight, bias, A, D
+
+    @property
+    def params(self) -> tuple[int, ...]:
+        return (self.weight,) if self.bias is None else (self.weight, self.bias)
+
+    @property
+    def key(self) -> tuple:
+        G, _, _, d = self.A.shape
+        return ("linear", self.weight, self.bias, G, d, self.D.shape[-1])
+
+    @staticmethod
+    def concat(factors: list[LinearFactor]) -> LinearFactor:
+        """Several calls of the same weight: the positions of all calls, side by side."""
+        if len(factors) == 1:
+            return factors[0]
+        f = factors[0]
+        return LinearFactor(
+            f.weight,
+            f.bias,
+            torch.cat([g.A for g in factors], dim=2),
+            torch.cat([g.D for g in factors], dim=3),
+        )
+
+    def costs(self) -> tuple[int, int]:
+        """Multiply-adds of (ghost, materialised), Gramian plus weighted gradient."""
+        G, B, T, d = self.A.shape
+        K, p = self.D.shape[2], self.D.shape[-1]
+        db = d + (self.bias is not None)
+        ghost = G * ((B * T) ** 2 * d + (B * K * T) ** 2 * (p + 1) + B * T * p * db)
+        mat = G * (B * K * T * p * db + (B * K) ** 2 * p * db + B * K * p * db)
+        return ghost, mat
+
+    def materialize(self) -> dict[int, Tensor]:
+        G, B, T, d = self.A.shape
+        K = self.D.shape[2]
+        out = {self.weight: torch.einsum("gbktp,gbtd->bkgpd", self.D, self.A).reshape(B, K, -1)}
+        if self.bias is not None:
+            out[self.bias] = self.D.sum(3).permute(1, 2, 0, 3).reshape(B, K, -1)
+        return out
+
+    def gram(self, dims: Dims) -> Tensor:
+        G, B, T, d = self.A.shape
+        K, p = dims.K, self.D.shape[-1]
+        Af = self.A.reshape(G, B * T, d)
+        AA = Af @ Af.mT
+        if self.bias is not None:
+            AA = AA + 1
+        Df = self.D.reshape(G, B * K * T, p)
+        DD = Df @ Df.mT
+        prod = DD.reshape(G, B, K, T, B, K, T) * AA.reshape(G, B, 1, T, B, 1, T)
+        return prod.sum(dim=(0, 3, 6))
+
+    def weighted(self, w: Tensor) -> dict[int, Tensor]:
+        G, B, T, d = self.A.shape
+        p = self.D.shape[-1]
+        Dw = torch.einsum("bk,gbktp->gbtp", w, self.D).reshape(G, B * T, p)
+        out = {self.weight: (Dw.mT @ self.A.reshape(G, B * T, d)).reshape(-1)}
+        if self.bias is not None:
+            out[self.bias] = Dw.sum(1).reshape(-1)
+        return out
+
+
+class EmbeddingFactor:
+    r"""``nn.Embedding`` weight: indices ``idx`` ``[B, T]``, output gradients ``D``
+    ``[B, K, T, p]`` (zero at ``padding_idx``). Ghost Gramian over matching indices:
+
+    .. math:: \mathcal{G}_{bk,cl} = \sum_{t,s} [i_{bt} = i_{cs}]\, (D_{bkt} \cdot D_{cls}).
+    """
+
+    def __init__(self, weight: int, idx: Tensor, D: Tensor, num_embeddings: int) -> None:
+        self.weight, self.idx, self.D, self.V = weight, idx, D, num_embeddings
+
+    @property
+    def params(self) -> tuple[int, ...]:
+        return (self.weight,)
+
+    @property
+    def key(self) -> tuple:
+        return ("embedding", self.weight, self.V, self.D.shape[-1])
+
+    @staticmethod
+    def concat(factors: list[EmbeddingFactor]) -> EmbeddingFactor:
+        if len(factors) == 1:
+            return factors[0]
+        f = factors[0]
+        idx = torch.cat([g.idx for g in factors], dim=1)
+        return EmbeddingFactor(f.weight, idx, torch.cat([g.D for g in factors], dim=2), f.V)
+
+    def costs(self) -> tuple[int, int]:
+        B, K, T, p = self.D.shape
+        ghost = (B * T) ** 2 + (B * K * T) ** 2 * (p + 1) + B * K * T * p
+        mat = 2 * B * K * self.V * p + (B * K) ** 2 * self.V * p
+        return ghost, mat
+
+    def materialize(self) -> dict[int, Tensor]:
+        B, K, T, p = self.D.shape
+        index = self.idx[:, None, :, None].expand(B, K, T, p)
+        J = self.D.new_zeros(B, K, self.V, p).scatter_add(2, index, self.D)
+        return {self.weight: J.reshape(B, K, -1)}
+
+    def gram(self, dims: Dims) -> Tensor:
+        B, K, T, p = self.D.shape
+        flat = self.idx.reshape(B * T)
+        same = (flat[:, None] == flat[None, :]).to(self.D.dtype)
+        Df = self.D.reshape(B * K * T, p)
+        prod = (Df @ Df.mT).reshape(B, K, T, B, K, T) * same.reshape(B, 1, T, B, 1, T)
+        return prod.sum(dim=(2, 5))
+
+    def weighted(self, w: Tensor) -> dict[int, Tensor]:
+        B, K, T, p = self.D.shape
+        Dw = torch.einsum("bk,bktp->btp", w, self.D).reshape(B * T, p)
+        out = self.D.new_zeros(self.V, p).index_add(0, self.idx.reshape(-1), Dw)
+        return {self.weight: out.reshape(-1)}
+
+
+Factor = LinearFactor | EmbeddingFactor | PerSample
+
+
+# --------------------------------------------------------------------------------------- rules
+
+
+class Rule:
+    """How the engine handles one module type (see the module docstring)."""
+
+    #: Short name, shown in reports.
+    name = "generic"
+
+    def save(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """What the forward hook keeps (detached)."""
+        return args[0].detach()
+
+    def valid(self, module: nn.Module, saved: Tensor, output: Tensor, dims: Dims) -> bool:
+        """Whether this call is per-sample along ``dims.batch_dim`` (else: exact fallback)."""
+        bd = dims.batch_dim
+        return saved.ndim > bd + 1 and saved.shape[bd] == dims.B
+
+    def factors(
+        self,
+        module: nn.Module,
+        pidx: dict[str, int],
+        saved: Tensor,
+        D: Tensor,
+        dims: Dims,
+        want: Want,
+    ) -> list[Factor]:
+        """Factors of the wanted parameters; ``D`` is ``[B, K, *output dims but batch]``."""
+        raise NotImplementedError
+
+
+def _wanted(pidx: dict[str, int], name: str, want: Want) -> int | None:
+    i = pidx.get(name)
+    return i if i is not None and want(i) else None
+
+
+class LinearRule(Rule):
+    name = "linear"
+
+    def factors(self, module, pidx, saved, D, dims, want):
+        B, K = dims.B, dims.K
+        p = D.shape[-1]
+        w, b = _wanted(pidx, "weight", want), _wanted(pidx, "bias", want)
+        Dt = _flat(D, B, K, p)
+        if w is None:
+            return [PerSample({b: Dt.sum(2)})] if b is not None else []
+        A = saved.movedim(dims.batch_dim, 0).reshape(1, B, -1, saved.shape[-1])
+        return [LinearFactor(w, b, A.to(D.dtype), Dt.unsqueeze(0))]
+
+
+def _conv_pads(module: nn.Conv1d | nn.Conv2d, spatial: int) -> list[int]:
+    """``F.pad`` amounts (last dimension first) equivalent to the module's ``padding``."""
+    ks, dil = module.kernel_size, module.dilation
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            left = [0] * spatial
+            right = [0] * spatial
+        else:  # "same"
+            total = [dil[i] * (ks[i] - 1) for i in range(spatial)]
+            left = [t // 2 for t in total]
+            right = [t - t // 2 for t in total]
+    else:
+        left = right = list(module.padding)
+    pads: list[int] = []
+    for i in reversed(range(spatial)):
+        pads += [left[i], right[i]]
+    return pads
+
+
+def _unfold(x: Tensor, ks: tuple, dil: tuple, st: tuple) -> Tensor:
+    """``F.unfold`` (``[B, C k_h k_w, T]``); without dilation through strided views and one copy,
+    which is much faster than ``im2col`` on CPU."""
+    if tuple(dil) != (1, 1):
+        return F.unfold(x, ks, dilation=dil, stride=st)
+    u = x.unfold(2, ks[0], st[0]).unfold(3, ks[1], st[1])  # [B, C, Ho, Wo, kh, kw]
+    B, C, Ho, Wo = u.shape[:4]
+    return u.permute(0, 1, 4, 5, 2, 3).reshape(B, C * ks[0] * ks[1], Ho * Wo)
+
+
+class ConvRule(Rule):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, padding mode, dilation, groups)."""
+
+    name = "conv"
+
+    def valid(self, module, saved, output, dims):
+        spatial = 1 if isinstance(module, nn.Conv1d) else 2
+        return dims.batch_dim == 0 and saved.ndim == spatial + 2 and saved.shape[0] == dims.B
+
+    def factors(self, module, pidx, saved, D, dims, want):
+        B, K = dims.B, dims.K
+        w, b = _wanted(pidx, "weight", want), _wanted(pidx, "bias", want)
+        G = module.groups
+        c_out = module.out_channels
+        Dt = D.reshape(B, K, G, c_out // G, -1).permute(2, 0, 1, 4, 3)  # [G, B, K, T, p]
+        if w is None:
+            if b is None:
+                return []
+            return [PerSample({b: Dt.sum(3).permute(1, 2, 0, 3).reshape(B, K, c_out)})]
+        x = saved
+        ks, st, dil = module.kernel_size, module.stride, module.dilation
+        if isinstance(module, nn.Conv1d):
+            x, ks, st, dil = x.unsqueeze(2), (1, ks[0]), (1, st[0]), (1, dil[0])
+            pads = _conv_pads(module, 1) + [0, 0]
+        else:
+            pads = _conv_pads(module, 2)
+        if any(pads):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        cols = _unfold(x, ks, dil, st)  # [B, C_in * k, T]
+        A = cols.reshape(B, G, -1, cols.shape[-1]).permute(1, 0, 3, 2)  # [G, B, T, d]
+        return [LinearFactor(w, b, A.to(D.dtype), Dt)]
+
+
+class EmbeddingRule(Rule):
+    """``nn.Embedding`` (not ``sparse``, not ``scale_grad_by_freq``: those use the fallback)."""
+
+    name = "embedding"
+
+    def save(self, module, args, output):
+        return args[0]
+
+    def valid(self, module, saved, output, dims):
+        bd = dims.batch_dim
+        return saved.ndim > bd and saved.shape[bd] == dims.B
+
+    def factors(self, module, pidx, saved, D, dims, want):
+        B, K = dims.B, dims.K
+        w = _wanted(pidx, "weight", want)
+        if w is None:
+            return []
+        idx = saved.movedim(dims.batch_dim, 0).reshape(B, -1)
+        Dt = _flat(D, B, K, module.embedding_dim)
+        if module.padding_idx is not None:
+            Dt = Dt * (idx != module.padding_idx)[:, None, :, None].to(Dt.dtype)
+        return [EmbeddingFactor(w, idx, Dt, module.num_embeddings)]
+
+
+class AffineNormRule(Rule):
+    r"""Elementwise affine parameters after a per-sample normalisation, :math:`y = \hat x \odot
+    \gamma + \beta`: the hook stores :math:`\hat x` and the per-sample gradients
+    :math:`\sum \delta \odot \hat x` and :math:`\sum \delta` are materialised (they are small).
+
+    ``LayerNorm`` / ``RMSNorm``: :math:`\gamma` has the normalised shape, sums run over the
+    other non-batch dimensions. ``GroupNorm``, ``InstanceNorm*`` and ``BatchNorm*`` in eval mode
+    with running statistics: one :math:`\gamma_c` per channel (dimension 1; batch dimension 0).
+    ``BatchNorm*`` using batch statistics (training mode, or no running statistics) mixes samples
+    (:func:`mixes_samples`) and the engine raises.
+    """
+
+    name = "affine_norm"
+
+    def _channelwise(self, module: nn.Module) -> bool:
+        return not isinstance(module, (nn.LayerNorm, _RMSNorm))
+
+    def save(self, module, args, output):
+        x = args[0].detach()
+        with torch.no_grad():
+            if isinstance(module, nn.LayerNorm):
+                return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+            if isinstance(module, _RMSNorm):
+                return F.rms_norm(x, module.normalized_shape, None, module.eps)
+            if isinstance(module, nn.GroupNorm):
+                return F.group_norm(x, module.num_groups, None, None, module.eps)
+            if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+                stats = module.training or not module.track_running_stats
+                rm = None if stats else module.running_mean
+                rv = None if stats else module.running_var
+                return F.instance_norm(x, rm, rv, None, None, stats, 0.0, module.eps)
+            # BatchNorm in eval mode with running statistics (else mixes_samples).
+            return F.batch_norm(
+                x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
+            )
+
+    def valid(self, module, saved, output, dims):
+        bd, B = dims.batch_dim, dims.B
+        if not self._channelwise(module):
+            lead = saved.ndim - len(module.normalized_shape)
+            return lead > bd and saved.shape[bd] == B
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            batched = saved.ndim == _instance_ndim(module)
+        else:
+            batched = saved.ndim >= 2
+        return bd == 0 and batched and saved.shape[0] == B
+
+    def factors(self, module, pidx, saved, D, dims, want):
+        B, K = dims.B, dims.K
+        w, b = _wanted(pidx, "weight", want), _wanted(pidx, "bias", want)
+        if self._channelwise(module):
+            C = saved.shape[1]
+            xh = saved.reshape(B, 1, C, -1).to(D.dtype)
+            Dt = D.reshape(B, K, C, -1)
+        else:
+            n = math.prod(module.normalized_shape)
+            xh = saved.movedim(dims.batch_dim, 0).reshape(B, 1, -1, n).to(D.dtype)
+            Dt = D.reshape(B, K, -1, n)
+        grads: dict[int, Tensor] = {}
+        if w is not None:
+            grads[w] = (Dt * xh).sum(2) if not self._channelwise(module) else (Dt * xh).sum(3)
+        if b is not None:
+            grads[b] = Dt.sum(2) if not self._channelwise(module) else Dt.sum(3)
+        return [PerSample(grads)] if grads else []
+
+
+def _instance_ndim(module: nn.Module) -> int:
+    for cls, n in ((nn.InstanceNorm1d, 3), (nn.InstanceNorm2d, 4), (nn.InstanceNorm3d, 5)):
+        if isinstance(module, cls):
+            return n
+    return -1
+
+
+LINEAR, CONV, EMBEDDING, AFFINE_NORM, GENERIC = (
+    LinearRule(),
+    ConvRule(),
+    EmbeddingRule(),
+    AffineNormRule(),
+    Rule(),
+)
+
+
+def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """``module`` is a ``cls`` whose ``forward`` is ``cls.forward`` (subclasses that override it
+    may compute something else)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The rule of ``module`` (:data:`GENERIC`: exact fallback, for anything not listed)."""
+    if _plain(module, nn.Linear):
+        return LINEAR
+    if _plain(module, nn.Conv1d) or _plain(module, nn.Conv2d):
+        return CONV
+    if _plain(module, nn.Embedding):
+        return GENERIC if module.sparse or module.scale_grad_by_freq else EMBEDDING
+    norms: tuple[type[nn.Module], ...] = (
+        nn.LayerNorm,
+        _RMSNorm,
+        nn.GroupNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+    )
+    if any(_plain(module, cls) for cls in norms):
+        return AFFINE_NORM
+    return GENERIC
+
+
+def mixes_samples(module: nn.Module) -> bool:
+    """Whether a call of ``module`` (in its current mode) couples the samples of a batch."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.training or module.running_mean is None
+    return False

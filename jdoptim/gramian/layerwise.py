@@ -1,0 +1,492 @@
+r"""The layer-wise engine: per-sample Gramians from layer inputs and output gradients.
+
+When the loss of sample :math:`b` depends on sample :math:`b` only (per-sample losses, "IWRM"),
+the gradient of :math:`L_b` with respect to a layer's weight only involves that layer's input
+:math:`a_b` and the gradient :math:`\delta_b = \partial (\sum_c L_c) / \partial y_b` of the
+summed losses with respect to its output, which **one** backward pass gives for every layer at
+once. For ``nn.Linear`` applied at positions :math:`t = 1..T` (``T = 1`` or extra dimensions
+flattened), :math:`\nabla_W L_b = \sum_t \delta_{bt} a_{bt}^\top`, so
+
+.. math::
+    G^{(W)}_{bc} = \sum_{t,s} (a_{bt} \cdot a_{cs})(\delta_{bt} \cdot \delta_{cs}),
+    \qquad G^{(\text{bias})}_{bc} = \Big(\sum_t \delta_{bt}\Big)\cdot\Big(\sum_s \delta_{cs}\Big)
+
+(``T = 1``: :math:`(AA^\top) \circ (\Delta\Delta^\top)` plus :math:`\Delta\Delta^\top`), and
+the weighted gradient :math:`\sum_b w_b \nabla_W L_b = (w \odot \Delta)^\top A` comes from the
+same tensors: no per-sample gradient and no second backward. ``nn.Conv1d/2d`` reduce to this
+through ``unfold`` (``T`` = output positions, one block per group), ``nn.Embedding`` uses a Gram
+over matching token indices, and the affine parameters of ``LayerNorm``, ``RMSNorm``,
+``GroupNorm``, ``InstanceNorm*`` and eval-mode ``BatchNorm*`` have cheap, materialised
+per-sample gradients (see :mod:`jdoptim.gramian._layers`).
+
+**Ghost or materialised.** Per weight (after merging the calls of a shared layer), the engine
+counts the multiply-adds of both routes, Gramian plus weighted gradient, for ``B`` samples,
+``K`` losses per sample, ``T`` positions, ``G`` groups, input size ``d`` (``+1`` with a bias)
+and output size ``p``:
+
+.. math::
+    \text{ghost} = G\,[(BT)^2 d + (BKT)^2 (p+1) + BTpd], \qquad
+    \text{materialised} = G\,[BKTpd + (BK)^2 pd + BKpd],
+
+and takes the ghost route iff ghost :math:`\le` materialised (``strategy="auto"``). For one
+loss per sample this is :math:`B T^2 (d+p+1) \lesssim p d (B + T)`, roughly
+:math:`T^2 (d+p) < pd`: always ghost for ``T = 1``, materialised for long sequences and
+convolutions with many output positions. (The differential-privacy rule :math:`2T^2 < pd`
+compares the memory of per-sample *norms*; a Gramian also needs the cross-sample terms, whose
+ghost cost grows as :math:`(BT)^2`.) For ``nn.Embedding`` with ``V`` rows: ghost
+:math:`(BT)^2 + (BKT)^2(p+1)`, materialised :math:`(BK)^2 Vp + 2BKVp`.
+
+**Exactness and fallbacks.** Parameters that no rule covers are differentiated exactly by a
+batched vector-Jacobian product of the losses (``torch.autograd.grad(..., is_grads_batched=
+True)``, the per-sample gradients of those parameters only): parameters of modules of other
+types, of a covered module called on something that is not batched along ``batch_dim``, and of
+modules that are never called (e.g. ``MultiheadAttention.out_proj``, whose weight is used
+directly). A module called several times (shared / tied layers) sums its calls: positions are
+concatenated, so the cross terms between calls are exact; a parameter reached through
+different rules (an embedding tied to a linear head) is materialised.
+
+Limits: a parameter used *outside* its module's ``forward`` (``F.linear(x, emb.weight)``) by a
+covered module is not seen; modules that mix samples make per-sample losses non-separable:
+``BatchNorm*`` with batch statistics raises, other mixing (attention across the batch, a
+``x - x.mean(0)``) cannot be detected. Module outputs must not be modified in place (e.g.
+``ReLU(inplace=True)`` right after a ``Linear``): that raises, unless ``clone_outputs=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ._base import GramianEngine, GramianResult
+from ._kernels import accumulation_dtype
+from ._layers import (
+    GENERIC,
+    Dims,
+    EmbeddingFactor,
+    Factor,
+    LinearFactor,
+    PerSample,
+    Rule,
+    mixes_samples,
+    rule_for,
+)
+
+Strategy = Literal["auto", "ghost", "materialize"]
+_STRATEGIES = ("auto", "ghost", "materialize")
+
+
+class _Info:
+    """Static facts about one hooked module."""
+
+    def __init__(self, name: str, module: nn.Module, rule: Rule, pidx: dict[str, int]) -> None:
+        self.name, self.module, self.rule, self.pidx = name, module, rule, pidx
+
+
+class _Record:
+    """One call of a hooked module: what its rule saved, and its output (still in the graph)."""
+
+    def __init__(self, info: _Info, saved: Tensor, output: Tensor, version: int) -> None:
+        self.info, self.saved, self.output, self.version = info, saved, output, version
+
+
+class LayerwiseResult(GramianResult):
+    """The per-sample Gramian of one call, and the factors that rebuild weighted gradients."""
+
+    def __init__(
+        self,
+        gramian: Tensor,
+        params: Sequence[Tensor],
+        slots: list[int | None],
+        factors: list[Factor],
+        dims: Dims,
+        losses_shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> None:
+        self.gramian = gramian
+        self.params = list(params)
+        self._slots = slots
+        self._factors = factors
+        self._dims = dims
+        self._losses_shape = losses_shape
+        self._dtype = dtype
+
+    def _internal_weights(self, weights: Tensor) -> Tensor:
+        dims = self._dims
+        if weights.numel() != math.prod(self._losses_shape):
+            raise ValueError(
+                f"Expected {math.prod(self._losses_shape)} weights (losses of shape "
+                f"{self._losses_shape}), got a tensor of shape {tuple(weights.shape)}."
+            )
+        w = weights.reshape(self._losses_shape).movedim(dims.batch_dim, 0)
+        return w.reshape(dims.B, dims.K).to(self._dtype)
+
+    def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
+        r"""Return :math:`\sum_i w_i \nabla_{\theta_p} L_i` for each parameter (``None`` where no
+        loss reaches it). ``weights`` is flat ``[M]`` (row-major order of the losses) or has
+        the losses' shape."""
+        w = self._internal_weights(weights.detach())
+        sums: dict[int, Tensor] = {}
+        for factor in self._factors:
+            for i, g in factor.weighted(w).items():
+                sums[i] = g if i not in sums else sums[i] + g
+        out: list[Tensor | None] = []
+        for p, slot in zip(self.params, self._slots, strict=True):
+            if slot is None or slot not in sums:
+                out.append(None)
+            else:
+                out.append(sums[slot].reshape(p.shape).to(p.dtype))
+        return out
+
+    def backward(self, weights: Tensor) -> None:
+        """Accumulate the weighted gradient into the parameters' ``.grad`` (like autograd)."""
+        for p, g in zip(self.params, self.weighted_gradient(weights), strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+
+class LayerwiseGramianEngine(GramianEngine):
+    r"""Per-sample Gramians of a model from forward hooks and one backward pass.
+
+    Construct it once on the model (it registers forward hooks); then, for each batch, run the
+    forward pass, build per-sample losses, and call :meth:`compute`. See the module docstring
+    for the formulas, the ghost / materialised rule and the fallbacks.
+
+    :param modules: the modules to hook (all their sub-modules with parameters are hooked).
+    :param batch_dim: the dimension of the losses and of every hooked layer's input and output
+        that indexes samples (default 0; ``Conv*``, ``GroupNorm``, ``InstanceNorm*`` and
+        ``BatchNorm*`` are covered only for ``batch_dim=0`` and use the exact fallback
+        otherwise).
+    :param strategy: ``"auto"`` (cheaper route per weight), ``"ghost"`` or ``"materialize"``
+        (force one route, e.g. to compare them).
+    :param clone_outputs: hand a copy of each hooked module's output to the rest of the model, so
+        that in-place operations on it (``ReLU(inplace=True)``) do not invalidate the stored
+        output (costs one copy per output).
+
+    **Losses.** :meth:`compute` takes losses whose dimension ``batch_dim`` has size ``B`` (the
+    batch size of the hooked layers) and whose other dimensions are ``K`` losses per sample
+    (e.g. tasks): shape ``[B]``, ``[B, K]``, ... It returns the ``[M, M]`` Gramian,
+    ``M = B K``, in the row-major order of ``losses.flatten()`` (a flat ``[M]`` loss vector is
+    read as ``[B, M / B]`` when ``batch_dim = 0``); :func:`jdoptim.gramian.to_generalized_gramian`
+    turns it into ``[B, K, K, B]``. The Gramian is in float32 or wider.
+
+    **Compile.** With ``torch._dynamo.config.trace_autograd_ops = True``, a function doing the
+    forward pass, :meth:`compute`, a weighting and :meth:`LayerwiseResult.backward` compiles with
+    ``fullgraph=True``; the backward passes keep the graph (``retain_graph=True``), and the
+    stored inputs/outputs are dropped after each :meth:`compute`.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> engine = LayerwiseGramianEngine(model)
+    >>> x, y = torch.randn(5, 3), torch.randn(5, 2)
+    >>> losses = ((model(x) - y) ** 2).sum(1)  # one loss per sample, shape [5]
+    >>> params = list(model.parameters())
+    >>> result = engine.compute(losses, params)
+    >>> result.gramian.shape
+    torch.Size([5, 5])
+    >>> # Same as the Gramian of the per-sample gradients:
+    >>> rows = [torch.cat([g.flatten() for g in torch.autograd.grad(l, params, retain_graph=True)])
+    ...         for l in losses]
+    >>> J = torch.stack(rows)
+    >>> torch.allclose(result.gramian, J @ J.T, atol=1e-5)
+    True
+    >>> w = torch.full((5,), 0.2)
+    >>> torch.allclose(torch.cat([g.flatten() for g in result.weighted_gradient(w)]), w @ J,
+    ...                atol=1e-6)
+    True
+    >>> engine.remove()
+    """
+
+    name = "layerwise"
+    materializes_jacobian = False
+
+    def __init__(
+        self,
+        *modules: nn.Module,
+        batch_dim: int = 0,
+        strategy: Strategy = "auto",
+        clone_outputs: bool = False,
+    ) -> None:
+        if not modules:
+            raise ValueError("LayerwiseGramianEngine needs at least one module to hook.")
+        if not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 0:
+            raise ValueError(f"`batch_dim` should be a non-negative int, but got {batch_dim!r}.")
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"`strategy` should be one of {_STRATEGIES}, but got {strategy!r}.")
+        self.batch_dim = batch_dim
+        self.strategy = strategy
+        self.clone_outputs = clone_outputs
+        self._params: list[nn.Parameter] = []
+        self._index: dict[int, int] = {}
+        self._infos: list[_Info] = []
+        self._handles: list[RemovableHandle] = []
+        self._records: list[_Record | _Info] = []
+        self._generic: set[int] = set()  # engine indices of parameters only the fallback covers
+        seen: set[int] = set()
+        for root in modules:
+            for name, module in root.named_modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                self._hook(name or type(module).__name__, module)
+
+    # ------------------------------------------------------------------------------ hooking
+
+    def _hook(self, name: str, module: nn.Module) -> None:
+        direct = list(module.named_parameters(recurse=False))
+        pidx: dict[str, int] = {}
+        for pname, p in direct:
+            if id(p) not in self._index:
+                self._index[id(p)] = len(self._params)
+                self._params.append(p)
+            pidx[pname] = self._index[id(p)]
+        can_mix = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if not direct and not can_mix:
+            return
+        rule = rule_for(module)
+        info = _Info(name, module, rule, pidx)
+        self._infos.append(info)
+        if rule is GENERIC:
+            self._generic.update(pidx.values())
+        if rule is GENERIC and not can_mix:
+            return
+        self._handles.append(module.register_forward_hook(self._make_hook(info)))
+
+    def _make_hook(self, info: _Info):
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            if not torch.is_grad_enabled():
+                return None
+            if mixes_samples(module):
+                self._records.append(info)
+                return None
+            if info.rule is GENERIC or not isinstance(output, Tensor):
+                return None
+            if not output.requires_grad:
+                return None
+            saved = info.rule.save(module, args, output)
+            version = -1 if torch.compiler.is_compiling() else output._version
+            self._records.append(_Record(info, saved, output, version))
+            return output.clone() if self.clone_outputs else None
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks and drop whatever they stored."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the inputs/outputs stored since the last :meth:`compute` (e.g. after a forward
+        pass that is not followed by one)."""
+        self._records = []
+
+    # ------------------------------------------------------------------------------ compute
+
+    def _dims(self, losses: Tensor, records: list[_Record]) -> tuple[Tensor, Dims]:
+        bd = self.batch_dim
+        if losses.numel() == 0:
+            raise ValueError("`losses` is empty.")
+        if losses.ndim == 1 and records and bd == 0:
+            out = records[0].output
+            if out.ndim > 0 and losses.shape[0] % out.shape[0] == 0:
+                losses = losses.reshape(out.shape[0], -1)
+        if losses.ndim <= bd:
+            raise ValueError(
+                f"`losses` of shape {tuple(losses.shape)} has no batch dimension {bd}."
+            )
+        B = losses.shape[bd]
+        return losses, Dims(B=B, K=losses.numel() // B, batch_dim=bd)
+
+    def _output_grads(
+        self, losses: Tensor, outputs: list[Tensor], dims: Dims
+    ) -> list[Tensor | None]:
+        """:math:`\\partial L_{\\cdot k} / \\partial y` for every stored output, as
+        ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when ``K > 1``)."""
+        if not outputs:
+            return []
+        bd = dims.batch_dim
+        if dims.K == 1:
+            grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
+            return [None if g is None else g.movedim(bd, 0).unsqueeze(1) for g in grads]
+        moved = losses.movedim(bd, 0)
+        eye = torch.eye(dims.K, dtype=losses.dtype, device=losses.device)
+        E = eye[:, None, :].expand(dims.K, dims.B, dims.K).reshape(dims.K, *moved.shape)
+        E = E.movedim(1, bd + 1)
+        grads = torch.autograd.grad(
+            losses,
+            outputs,
+            grad_outputs=E,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        return [None if g is None else g.movedim(bd + 1, 0) for g in grads]
+
+    def _fallback(
+        self, losses: Tensor, params: list[Tensor], dims: Dims, retain_graph: bool
+    ) -> list[Tensor | None]:
+        """Exact per-sample gradients ``[B, K, n]`` of ``params`` (batched vjp of the losses)."""
+        M = losses.numel()
+        eye = torch.eye(M, dtype=losses.dtype, device=losses.device).reshape(M, *losses.shape)
+        grads = torch.autograd.grad(
+            losses,
+            params,
+            grad_outputs=eye,
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        out: list[Tensor | None] = []
+        for g in grads:
+            if g is None:
+                out.append(None)
+                continue
+            g = g.reshape(*losses.shape, -1).movedim(dims.batch_dim, 0)
+            out.append(g.reshape(dims.B, dims.K, -1))
+        return out
+
+    def compute(
+        self, losses: Tensor, params: Sequence[Tensor], *, retain_graph: bool = False
+    ) -> LayerwiseResult:
+        """The Gramian of ``losses`` (per-sample, see the class docstring) with respect to
+        ``params``, from the calls stored since the last :meth:`compute` (which are dropped)."""
+        records, self._records = self._records, []
+        mixing = sorted({r.name for r in records if isinstance(r, _Info)})
+        if mixing:
+            raise ValueError(
+                "These modules mix the samples of a batch, so per-sample losses are not "
+                f"separable and the layer-wise engine does not apply: {mixing} (BatchNorm with "
+                "batch statistics: use eval mode with running statistics, GroupNorm/LayerNorm, "
+                "or the Jacobian engine)."
+            )
+        calls: list[_Record] = [r for r in records if isinstance(r, _Record)]
+        losses, dims = self._dims(losses, calls)
+        params = list(params)
+        slots = [self._index.get(id(p)) for p in params]
+        wanted = {s for s in slots if s is not None}
+
+        # Which calls are per-sample; parameters of any other call go to the fallback.
+        invalid: set[int] = set(self._generic)
+        valid: list[_Record] = []
+        for r in calls:
+            ok = (
+                r.output.ndim > dims.batch_dim
+                and r.output.shape[dims.batch_dim] == dims.B
+                and r.info.rule.valid(r.info.module, r.saved, r.output, dims)
+            )
+            if ok:
+                valid.append(r)
+            else:
+                invalid.update(r.info.pidx.values())
+            # In-place check, eager only (under compile ``_version`` is not a traced constant).
+            if not torch.compiler.is_compiling() and r.output._version != r.version:
+                raise ValueError(
+                    f"The output of module {r.info.name!r} was modified in place after its "
+                    "forward pass (e.g. by ReLU(inplace=True)); use inplace=False or "
+                    "LayerwiseGramianEngine(..., clone_outputs=True)."
+                )
+        covered = {i for r in valid for i in r.info.pidx.values()} - invalid
+        covered &= wanted
+
+        def want(i: int) -> bool:
+            return i in covered
+
+        valid = [r for r in valid if any(want(i) for i in r.info.pidx.values())]
+        deltas = self._output_grads(losses, [r.output for r in valid], dims)
+        dtype = accumulation_dtype(losses.dtype, *(r.output.dtype for r in valid))
+
+        factors: list[Factor] = []
+        for r, D in zip(valid, deltas, strict=True):
+            if D is not None:
+                D = D.to(dtype)
+                factors += r.info.rule.factors(r.info.module, r.info.pidx, r.saved, D, dims, want)
+
+        # Exact fallback for the wanted parameters that no rule covers.
+        fb_pos = [k for k, s in enumerate(slots) if s is None or s not in covered]
+        pool = PerSample({})
+        fb_slots: list[int | None] = list(slots)
+        if fb_pos:
+            keep = retain_graph or torch.compiler.is_compiling()
+            next_slot = len(self._params)
+            fb_params = [params[k] for k in fb_pos]
+            for k, J in zip(fb_pos, self._fallback(losses, fb_params, dims, keep), strict=True):
+                fb_slots[k] = next_slot
+                if J is not None:
+                    pool.add({next_slot: J.to(dtype)})
+                next_slot += 1
+
+        prepared = self._prepare(factors, pool)
+        G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=losses.device)
+        for f in prepared:
+            g = f.gram(dims)
+            if g is not None:
+                G = G + g
+        gramian = self._to_losses_order(G, losses.shape, dims)
+        return LayerwiseResult(
+            gramian.detach(), params, fb_slots, prepared, dims, tuple(losses.shape), dtype
+        )
+
+    def _prepare(self, factors: list[Factor], pool: PerSample) -> list[Factor]:
+        """Merge the calls of shared weights and pick ghost or materialised per weight."""
+        groups: dict[tuple, list[Factor]] = {}
+        for f in factors:
+            if isinstance(f, PerSample):
+                pool.add(f.grads)
+            else:
+                groups.setdefault(f.key, []).append(f)
+        owners: dict[int, int] = {}
+        for fs in groups.values():
+            for i in fs[0].params:
+                owners[i] = owners.get(i, 0) + 1
+        out: list[Factor] = []
+        for fs in groups.values():
+            shared = any(owners[i] > 1 or i in pool.grads for i in fs[0].params)
+            if shared:  # reached through several rules: materialise and sum
+                for f in fs:
+                    pool.add(f.materialize())
+                continue
+            merged = type(fs[0]).concat(fs)  # type: ignore[arg-type]
+            ghost, mat = merged.costs()
+            use_ghost = self.strategy == "ghost" or (self.strategy == "auto" and ghost <= mat)
+            if use_ghost:
+                out.append(merged)
+            else:
+                pool.add(merged.materialize())
+        if pool.grads:
+            out.append(pool)
+        return out
+
+    @staticmethod
+    def _to_losses_order(G: Tensor, shape: torch.Size, dims: Dims) -> Tensor:
+        """``[B, K, B, K]`` -> ``[M, M]`` in the row-major order of losses of ``shape``."""
+        M = dims.B * dims.K
+        if dims.batch_dim == 0:
+            return G.reshape(M, M)
+        moved = (dims.B, *shape[: dims.batch_dim], *shape[dims.batch_dim + 1 :])
+        n = len(shape)
+        G = G.reshape(*moved, *moved)
+        G = G.movedim(0, dims.batch_dim).movedim(n, n + dims.batch_dim)
+        return G.reshape(M, M)
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerwiseGramianEngine(batch_dim={self.batch_dim}, strategy={self.strategy!r}, "
+            f"clone_outputs={self.clone_outputs})"
+        )
+
+    def report(self) -> dict[str, str]:
+        """Which rule handles each hooked module (``"generic"``: exact batched-vjp fallback)."""
+        return {info.name: info.rule.name for info in self._infos}
+
+
+__all__ = ["LayerwiseGramianEngine", "LayerwiseResult"]
+
+_ = (EmbeddingFactor, LinearFactor)  # re-exported types for documentation

@@ -1,0 +1,331 @@
+r"""``JDOptimizer``: Jacobian descent as a drop-in ``torch.optim.Optimizer``.
+
+A step runs the pipeline losses → Gramian engine (:mod:`jdoptim.gramian`) → weighting
+(:mod:`jdoptim.aggregation`) → weighted gradient in ``.grad`` (:func:`jdoptim.jd_backward`) →
+the inner optimizer's ``step()``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._compile import configure_compile as _configure_compile
+from ._functional import (
+    NonFiniteError,
+    NonFinitePolicy,
+    OtherParamsGrad,
+    WeightingStrategy,
+    jd_backward,
+)
+from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
+from .gramian import GramianEngine, resolve_engine
+
+
+class _StepRecord:
+    """Mutable per-step bookkeeping, kept out of the optimizer object itself: Dynamo does not
+    replay attribute writes on ``torch.optim.Optimizer`` instances made inside a compiled region,
+    but it does on plain objects."""
+
+    def __init__(self) -> None:
+        self.last_weights: Tensor | None = None
+        self.last_gramian: Tensor | None = None
+        self.skipped_steps = 0
+        self.skip_next = False
+        self.pending_ok: Tensor | None = None
+
+
+class JDOptimizer(torch.optim.Optimizer):
+    r"""Wrap a torch optimizer so that it follows Jacobian descent on several losses.
+
+    For losses :math:`L` (any shape, ``M`` entries) a step computes the Gramian
+    :math:`G = J J^\top` of their Jacobian :math:`J` with respect to the parameters, weights
+    :math:`w` from ``weighting``, writes the update direction :math:`J^\top w` into ``.grad``
+    (accumulating, like ``backward``) and calls the inner optimizer.
+
+    ``param_groups``, ``state`` and ``defaults`` *are* the inner optimizer's objects, so LR
+    schedulers and ``torch.amp.GradScaler`` work on a ``JDOptimizer`` as on the inner one.
+
+    :param optimizer: the inner optimizer (SGD, Adam, AdamW, ...). The JD parameters are its
+        parameters that require grad at the time of each call; a parameter no loss reaches keeps
+        its ``.grad`` unchanged.
+    :param weighting: a Gramian :class:`~jdoptim.aggregation.Weighting` (e.g.
+        ``UPGradWeighting()``), a :class:`~jdoptim.aggregation.GeneralizedWeighting`, or an
+        :class:`~jdoptim.aggregation.Aggregator`. A Gramian-weighted aggregator (``UPGrad()``)
+        is used through its ``gramian_weighting``; a Jacobian-only one (``ConFIG``,
+        ``GradDrop``, ``TrimmedMean``, ``NashMTL``) gets the materialised Jacobian and its
+        output becomes ``.grad``. A plain ``Weighting`` given losses of shape
+        ``[m1, ..., mk]`` (``k >= 2``) is wrapped in :class:`~jdoptim.aggregation.Flattening`.
+    :param params: partial JD: only these parameters (a subset of the inner optimizer's) take
+        part in the Jacobian; the others get the gradient of :math:`w^\top L`
+        (``other_params_grad="weighted"``) or of :math:`\sum_i L_i` (``"sum"``, torchjd's
+        ``mtl_backward`` convention for task heads). ``None``: all parameters.
+    :param other_params_grad: see ``params``.
+    :param engine: ``"auto"`` (today the Jacobian engine), a registered engine name, or a
+        :class:`~jdoptim.gramian.GramianEngine`.
+    :param chunk_size: rows of the Jacobian per backward pass for the Jacobian engine (``None``:
+        all at once; ``1``: no ``vmap``).
+    :param nonfinite: what to do when the losses or the Gramian hold NaN/inf: ``"raise"``
+        (default; :class:`~jdoptim.NonFiniteError`, parameters, gradients and optimizer state
+        untouched), ``"skip"`` (same, but the step is skipped silently and counted in
+        ``skipped_steps``) or ``"propagate"`` (no check: the only mode without a host sync, and
+        the one to use with ``GradScaler``, which detects the inf gradients itself). The check
+        costs one device-to-host read per ``backward``; under ``torch.compile`` the read is
+        deferred to the next :meth:`step` (which breaks the graph anyway) and the gradients are
+        written masked, so a bad ``backward`` still leaves them unchanged. A non-finite
+        ``backward`` makes the next :meth:`step` raise or skip.
+    :param configure_compile: call :func:`jdoptim.configure_compile` (lets ``torch.compile``
+        trace the autograd calls of a step).
+
+    Gradient accumulation: each :meth:`backward` computes its own Gramian and weights from its
+    own losses and *adds* :math:`J_k^\top w_k` to ``.grad``; after ``K`` calls ``.grad`` holds
+    :math:`\sum_k J_k^\top w_k` (for the mean over micro-batches, divide the losses by ``K``,
+    as in ordinary accumulation). This is not JD on the concatenated losses of all micro-batches.
+
+    Monitoring: ``last_weights`` and ``last_gramian`` hold the (detached) weights and ``[M, M]``
+    Gramian of the last :meth:`backward` (e.g. ``(G @ w) >= 0`` checks that the update
+    conflicts with no objective).
+
+    >>> import torch
+    >>> from jdoptim.aggregation import UPGradWeighting
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(3, 2)
+    >>> opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), UPGradWeighting())
+    >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+    >>> opt.zero_grad()
+    >>> weights = opt.step(((model(x) - y) ** 2).mean(0))  # two losses, one per output
+    >>> weights.shape
+    torch.Size([2])
+    >>> bool((opt.last_gramian @ opt.last_weights >= -1e-6).all())
+    True
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        weighting: Weighting | GeneralizedWeighting | Aggregator,
+        *,
+        params: Iterable[Tensor] | None = None,
+        other_params_grad: OtherParamsGrad = "weighted",
+        engine: str | GramianEngine = "auto",
+        chunk_size: int | None = None,
+        nonfinite: NonFinitePolicy = "raise",
+        configure_compile: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "`optimizer` should be a torch.optim.Optimizer. Found "
+                f"`{type(optimizer).__name__}`."
+            )
+        if isinstance(optimizer, JDOptimizer):
+            raise TypeError("`optimizer` is already a JDOptimizer.")
+        # Deliberately not calling Optimizer.__init__: param_groups/state/defaults are the inner
+        # optimizer's (properties below). Only the hook registries it would create are needed.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+        self.optimizer = optimizer
+        self.weighting = weighting
+        self._strategy = WeightingStrategy(weighting)
+        self.engine = resolve_engine(
+            engine, chunk_size=chunk_size, needs_jacobian=self._strategy.needs_jacobian
+        )
+        from ._functional import _OTHER, _POLICIES
+
+        if nonfinite not in _POLICIES:
+            raise ValueError(f"`nonfinite` should be one of {_POLICIES}, but got {nonfinite!r}.")
+        if other_params_grad not in _OTHER:
+            raise ValueError(
+                f"`other_params_grad` should be one of {_OTHER}, but got {other_params_grad!r}."
+            )
+        self.nonfinite: NonFinitePolicy = nonfinite
+        self.other_params_grad: OtherParamsGrad = other_params_grad
+        self._jd_ids: frozenset[int] | None = None
+        if params is not None:
+            jd = list(params)
+            if isinstance(params, Tensor) or not jd:
+                raise ValueError("`params` should be a non-empty iterable of parameters.")
+            inner = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if any(id(p) not in inner for p in jd):
+                raise ValueError("Every tensor of `params` must be a parameter of `optimizer`.")
+            if other_params_grad == "weighted" and not self._strategy.has_weights:
+                raise ValueError(
+                    f"{weighting!r} produces no weights; use other_params_grad='sum' with it."
+                )
+            self._jd_ids = frozenset(id(p) for p in jd)
+        if configure_compile:
+            _configure_compile()
+
+        self._record = _StepRecord()
+
+    # -- monitoring ------------------------------------------------------------------------------
+    @property
+    def last_weights(self) -> Tensor | None:
+        """Detached weights of the last :meth:`backward` (shape of its losses)."""
+        return self._record.last_weights
+
+    @property
+    def last_gramian(self) -> Tensor | None:
+        """Detached ``[M, M]`` Gramian of the last :meth:`backward`."""
+        return self._record.last_gramian
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of steps skipped because of non-finite losses or Gramian."""
+        return self._record.skipped_steps
+
+    # -- the inner optimizer's objects ----------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of the inner optimizer's parameters (its own ``zero_grad``;
+        under ``torch.compile`` an equivalent traceable loop, since torch marks
+        ``Optimizer.zero_grad`` as not traceable)."""
+        if not torch.compiler.is_compiling():
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None  # unconditionally: no guard on the grad, no recompilation
+                elif p.grad is not None:
+                    p.grad.detach_().zero_()
+
+    # -- Jacobian descent -----------------------------------------------------------------------
+    def _split_params(self) -> tuple[list[Tensor], list[Tensor]]:
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if self._jd_ids is None:
+            return trainable, []
+        jd = [p for p in trainable if id(p) in self._jd_ids]
+        other = [p for p in trainable if id(p) not in self._jd_ids]
+        return jd, other
+
+    def backward(self, losses: Tensor, *, retain_graph: bool = False) -> Tensor | None:
+        """Accumulate the JD direction of ``losses`` into ``.grad`` and return the weights.
+
+        Only fills ``.grad``: clip, accumulate over more calls or unscale, then call
+        :meth:`step` with no losses. Returns the detached weights (shape of ``losses``; NaN when
+        the step is skipped; ``None`` for a Jacobian-only aggregator without weights).
+        """
+        jd, other = self._split_params()
+        out = jd_backward(
+            losses,
+            jd,
+            self._strategy,
+            self.engine,
+            other_params=other,
+            other_params_grad=self.other_params_grad,
+            nonfinite=self.nonfinite,
+            retain_graph=retain_graph,
+        )
+        record = self._record
+        if out.skipped:
+            record.skip_next = True
+        if out.ok is not None:
+            record.pending_ok = out.ok if record.pending_ok is None else record.pending_ok & out.ok
+        record.last_weights = out.weights
+        record.last_gramian = out.gramian
+        return out.weights
+
+    @torch.no_grad()
+    def _take_step(self) -> None:
+        if self._record.skip_next or self._record.pending_ok is not None:
+            if self._resolve_pending():
+                return
+        self.optimizer.step()
+
+    @torch.compiler.disable
+    def _resolve_pending(self) -> bool:
+        """Read the deferred finiteness flag (one host read); return whether to skip."""
+        record = self._record
+        ok, record.pending_ok = record.pending_ok, None
+        skip, record.skip_next = record.skip_next, False
+        if ok is not None and not bool(ok):
+            if self.nonfinite == "raise":
+                raise NonFiniteError(
+                    "A backward since the last step had NaN or inf losses or Gramian; its "
+                    "gradients were not written and the step is not taken."
+                )
+            skip = True
+        if skip:
+            record.skipped_steps += 1
+        return skip
+
+    def step(  # type: ignore[override]
+        self,
+        losses: Tensor | None = None,
+        closure: Callable[[], Tensor] | None = None,
+    ) -> Tensor | None:
+        """Take a JD step and return the weights.
+
+        * ``step(losses)``: :meth:`backward` then the inner optimizer's step;
+        * ``step()``: the inner optimizer's step on the ``.grad`` already there (e.g. after
+          :meth:`backward`, clipping, accumulation);
+        * ``step(closure=fn)``: ``fn()`` (run with grad enabled, once) returns the losses; then
+          as ``step(losses)``. Optimizers that re-evaluate the closure (LBFGS) are not supported.
+        """
+        if closure is not None:
+            if losses is not None:
+                raise ValueError("Give either `losses` or `closure`, not both.")
+            with torch.enable_grad():
+                losses = closure()
+        weights = None
+        if losses is not None:
+            weights = self.backward(losses)
+            # Drop the reference so that, under torch.compile, the losses are not an output of
+            # the JD graph (the inner step below breaks the graph).
+            del losses
+        self._take_step()
+        return weights
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's state dict, the weighting's (``nn.Module``) state and the
+        step counters."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "skipped_steps": self._record.skipped_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.weighting.load_state_dict(state_dict["weighting"])
+        self._record.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def reset(self) -> None:
+        """Reset every stateful weighting module (:class:`~jdoptim.aggregation.Stateful`) and
+        the monitoring attributes; the inner optimizer's state is left alone."""
+        for module in self.weighting.modules():
+            if isinstance(module, Stateful):
+                module.reset()
+        self._record.last_weights = None
+        self._record.last_gramian = None
+
+    def __repr__(self) -> str:
+        return (
+            f"JDOptimizer(optimizer={type(self.optimizer).__name__}, weighting={self.weighting!r}, "
+            f"engine={self.engine!r}, nonfinite={self.nonfinite!r})"
+        )

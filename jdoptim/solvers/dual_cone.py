@@ -1,0 +1,213 @@
+r"""Projection onto the dual cone of a Gramian: a batch of bound-constrained QPs.
+
+Given a positive-definite matrix :math:`\hat G \in \mathbb{R}^{m \times m}` and a matrix of lower
+bounds :math:`U \in \mathbb{R}^{k \times m}`, every row :math:`u` of :math:`U` is mapped to
+
+.. math::
+
+    v^\star = \operatorname*{arg\,min}_{v \in \mathbb{R}^m} \tfrac12 v^\top \hat G v
+    \quad \text{subject to} \quad v \geq u,
+
+characterised by the KKT conditions :math:`\lambda = \hat G v^\star \geq 0`,
+:math:`v^\star \geq u` and :math:`\lambda \odot (v^\star - u) = 0`. With :math:`\hat G = J J^\top`
+(up to normalisation), :math:`J^\top v^\star` is the projection of :math:`J^\top u` onto the dual
+cone :math:`\{x : Jx \geq 0\}`.
+
+Two solvers:
+
+* ``"torch"`` (default): :func:`mprgp_solve`, a batched MPRGP (modified proportioning with reduced
+  gradient projections, Dostál & Schöberl 2005) run for a fixed number of iterations. It is
+  conjugate gradients on the current face of the feasible set, with projected-gradient
+  *expansion* steps that add bounds and *proportioning* steps that release them. All ``k`` rows
+  advance together; each iteration is a single ``[k, m] @ [m, m]`` product plus element-wise
+  work, and every data-dependent choice is a ``torch.where``. The loop is
+  :func:`~jdoptim.solvers._loop.fixed_loop`: no host synchronisation, one ``while_loop`` under
+  ``torch.compile``. It runs in float64.
+* ``"quadprog"``: the exact reference (Goldfarb-Idnani dual active set through ``qpsolvers``), one
+  QP per row on the CPU in numpy. It synchronises and cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..aggregation._gramian import normalize, regularize
+from ._loop import bounded_loop
+
+Solver = Literal["torch", "quadprog"]
+SOLVERS: tuple[str, ...] = ("torch", "quadprog")
+
+_GAMMA = 1.0
+"""MPRGP proportioning parameter: a step releases bounds when the chopped gradient exceeds
+``_GAMMA`` times the reduced free gradient."""
+
+
+def check_solver(solver: str) -> None:
+    """Raise ``ValueError`` unless ``solver`` is one of :data:`SOLVERS`."""
+    if solver not in SOLVERS:
+        raise ValueError(
+            f"Parameter `solver` must be one of {SOLVERS}. Found `solver = {solver!r}`."
+        )
+
+
+def check_non_negative(name: str, value: float) -> None:
+    """Raise ``ValueError("{name} must be non-negative, but got {value}.")`` if ``value < 0``."""
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, but got {value}.")
+
+
+def default_iterations(m: int) -> int:
+    r"""Fixed MPRGP iteration count for ``m`` objectives, :math:`\lceil 30 + 20\sqrt m \rceil`
+    (a static function of the shape; chosen with margin on the accuracy bank of the tests).
+
+    >>> default_iterations(2), default_iterations(64), default_iterations(256)
+    (59, 190, 350)
+    """
+    return math.ceil(30 + 20 * math.sqrt(m))
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1, keepdim=True)
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    positive = den > 0
+    return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), 0.0)
+
+
+def mprgp_solve(gramian: Tensor, lower: Tensor, n_iters: int | None = None) -> Tensor:
+    r"""Solve :math:`\min_v \tfrac12 v^\top \hat G v` s.t. :math:`v \geq u` for every row ``u`` of
+    ``lower`` (``[k, m]``) with a batched, fixed-iteration MPRGP; returns ``[k, m]``.
+
+    ``gramian`` must be symmetric positive definite (e.g. regularised). Both inputs should be
+    float64 for an accurate result. Starting from :math:`v = u`, each row takes, per iteration,
+    one of: a conjugate-gradient step on its free set (if it stays feasible), an *expansion* step
+    (the longest feasible CG step, then a projected-gradient step of length
+    :math:`\bar\alpha = 1.9 / \min(\text{Gershgorin}, \operatorname{tr})`), a *proportioning* step
+    along the chopped gradient (releasing bounds whose multiplier is negative), or, right after an
+    expansion, a gradient refresh. Only one matrix product is spent per iteration for all rows.
+
+    >>> import torch
+    >>> G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
+    >>> mprgp_solve(G, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    tensor([[1.0000, 0.5000]], dtype=torch.float64)
+    """
+    m = gramian.shape[-1]
+    if n_iters is None:
+        n_iters = default_iterations(m)
+    # Step of the projected-gradient (expansion) steps: 1.9 / an upper bound of lambda_max.
+    bound = torch.minimum(gramian.abs().sum(-1).amax(), gramian.diagonal().sum())
+    abar = 1.9 / torch.where(bound > 0, bound, torch.ones_like(bound))
+
+    inv_abar = 1.0 / abar
+    x = lower.clone()
+    grad = x @ gramian
+    direction = torch.zeros_like(x)
+    stale = torch.zeros_like(x[..., :1])
+    # Early exit (CPU only, see bounded_loop): the projected gradient of every row is below
+    # `tol`. With the ridge, |v - v*| <= |projected gradient| / reg_eps, so 1e-10 of the bounds'
+    # scale keeps the weights far inside the 1e-5 accuracy contract (checked on the test bank).
+    tol = 1e-10 * lower.abs().amax()
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+
+    # Element-wise work uses float masks (torch.sign of the non-negative gap x - u) and
+    # column-wise torch.where only: full-size boolean masks are several times slower on CPU.
+    def body(
+        x: Tensor, grad: Tensor, direction: Tensor, stale: Tensor, done: Tensor
+    ) -> tuple[Tensor, ...]:
+        gap = x - lower
+        free = torch.sign(gap)
+        phi = grad * free  # free gradient
+        beta = (grad - phi).clamp(max=0.0)  # chopped gradient
+        phi_reduced = torch.minimum(gap * inv_abar, phi)
+        proportional = _rowdot(beta, beta) <= _GAMMA**2 * _rowdot(phi_reduced, phi)
+        refresh = stale > 0
+        # Rows whose gradient is stale (after an expansion) spend the product on x itself.
+        s = torch.where(refresh, x, torch.where(proportional, direction, beta))
+        a_s = s @ gramian
+        s_a_s = _rowdot(s, a_s)
+        alpha_cg = _safe_div(_rowdot(grad, s), s_a_s)
+        # Longest feasible step along -s: 1 / max_j (s_j / gap_j) over s_j > 0.
+        rates = torch.nan_to_num(s.clamp(min=0.0) / gap, nan=0.0, posinf=torch.inf)
+        alpha_feasible = 1.0 / rates.amax(-1, keepdim=True)
+        cg = ~refresh & proportional & (alpha_cg <= alpha_feasible)
+        expand = ~refresh & proportional & ~cg
+        alpha = torch.where(expand, alpha_feasible, torch.where(refresh, 0.0, alpha_cg))
+        x_new = x - alpha * s
+        grad_new = torch.where(refresh, a_s, grad - alpha * a_s)
+        # Expansion: a projected-gradient step from the feasible boundary point.
+        x_expanded = torch.maximum(x_new - abar * grad_new * torch.sign(x_new - lower), lower)
+        x_new = torch.where(expand, x_expanded, x_new)
+        phi_new = grad_new * torch.sign(x_new - lower)
+        gamma = _safe_div(_rowdot(phi_new, a_s), s_a_s)
+        direction_new = torch.where(cg, phi_new - gamma * direction, phi_new)
+        projected_gradient = phi_new + (grad_new - phi_new).clamp(max=0.0)
+        done = ~expand.any() & (projected_gradient.abs().amax() <= tol)
+        return x_new, grad_new, direction_new, expand.to(x.dtype), done
+
+    x = bounded_loop(n_iters, body, (x, grad, direction, stale, done), done_index=4)[0]
+    return torch.maximum(x, lower)
+
+
+def _quadprog_solve(gramian: Tensor, lower: Tensor) -> Tensor:
+    # Exact reference path: numpy on the CPU, one QP per row (synchronises; not compilable).
+    import numpy as np
+    from qpsolvers import solve_qp
+
+    P = gramian.detach().cpu().numpy().astype(np.float64)
+    m = P.shape[0]
+    q = np.zeros(m)
+    G = -np.eye(m)
+    rows = []
+    for u in lower.detach().cpu().numpy().astype(np.float64).reshape(-1, m):
+        v = solve_qp(P, q, G, -u, solver="quadprog")
+        if v is None:
+            raise ValueError("Failed to solve the quadratic programming problem.")
+        rows.append(v)
+    out = np.array(rows).reshape(lower.shape)
+    return torch.as_tensor(out, dtype=torch.float64, device=lower.device)
+
+
+def project_weights(
+    U: Tensor,
+    G: Tensor,
+    *,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+    solver: Solver = "torch",
+    n_iters: int | None = None,
+) -> Tensor:
+    r"""Project every row of ``U`` (``[..., m]``) onto the dual cone of the Gramian ``G``.
+
+    Computes :math:`\hat G = \operatorname{regularize}(\operatorname{normalize}(G,
+    \varepsilon_n), \varepsilon_r)` in ``G``'s dtype, then solves, in float64, for every row
+    :math:`u` of ``U``: :math:`\min_v \tfrac12 v^\top \hat G v` s.t. :math:`v \geq u`. The result
+    has ``U``'s shape and ``G``'s dtype and device.
+
+    :param U: lower bounds (weights to project), shape ``[..., m]``.
+    :param G: the Gramian :math:`J J^\top`, shape ``[m, m]``.
+    :param norm_eps: below this trace, :math:`\hat G` is :math:`\varepsilon_r I`.
+    :param reg_eps: ridge added to the normalised Gramian.
+    :param solver: ``"torch"`` (sync-free, compilable) or ``"quadprog"`` (exact, CPU numpy).
+    :param n_iters: iteration count of the ``"torch"`` solver (default: :func:`default_iterations`).
+
+    >>> import torch
+    >>> G = torch.tensor([[18.0, -22.0], [-22.0, 38.0]])
+    >>> project_weights(torch.eye(2) / 2, G)
+    tensor([[0.5000, 0.2894],
+            [0.6109, 0.5000]])
+    """
+    check_solver(solver)
+    g_hat = regularize(normalize(G, norm_eps), reg_eps).to(torch.float64)
+    lower = U.to(dtype=torch.float64, device=G.device)
+    shape = lower.shape
+    lower = lower.reshape(-1, shape[-1])
+    if solver == "quadprog":
+        out = _quadprog_solve(g_hat, lower)
+    else:
+        out = mprgp_solve(g_hat, lower, n_iters)
+    return out.reshape(shape).to(dtype=G.dtype)

@@ -1,0 +1,353 @@
+"""Layer-wise engine: exact against brute-force per-sample gradients, fallbacks, errors, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from jdoptim.gramian.layerwise import LayerwiseGramianEngine
+
+STRATEGIES = ["auto", "ghost", "materialize"]
+
+
+def brute_force(losses: Tensor, params: list[Tensor]) -> Tensor:
+    """Jacobian ``[M, n]`` of ``losses.flatten()``, one autograd call per loss."""
+    rows = []
+    for loss in losses.flatten():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).flatten()
+                    for g, p in zip(grads, params, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def assert_exact(model: nn.Module, inputs: tuple, loss_fn, strategy: str, **engine_kw) -> dict:
+    """Gramian and weighted gradient of the engine == brute force, to 1e-10 relative (float64)."""
+    model = model.double()
+    engine = LayerwiseGramianEngine(model, strategy=strategy, **engine_kw)
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = loss_fn(model(*inputs))
+    result = engine.compute(losses, params, retain_graph=True)
+    J = brute_force(losses, params)
+    G = J @ J.T
+    assert result.gramian.shape == G.shape
+    scale = G.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(result.gramian, G, rtol=0, atol=1e-10 * scale)
+    w = torch.randn(losses.numel(), dtype=torch.float64)
+    grads = result.weighted_gradient(w)
+    flat = torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).flatten()
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+    torch.testing.assert_close(flat, w @ J, rtol=0, atol=1e-10 * (w @ J).abs().max())
+    report = engine.report()
+    engine.remove()
+    return report
+
+
+def mse(out: Tensor) -> Tensor:
+    return (out**2).flatten(1).sum(1)
+
+
+class TwoTasks(nn.Module):
+    def forward(self, out: Tensor) -> Tensor:
+        flat = out.flatten(1)
+        return torch.stack([(flat**2).sum(1), torch.sin(flat).sum(1)], dim=1)
+
+
+def seq_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+CASES = {
+    "mlp": (seq_model, lambda: (torch.randn(6, 5),), mse),
+    "mlp_tasks": (seq_model, lambda: (torch.randn(5, 5),), TwoTasks()),
+    "sequence": (seq_model, lambda: (torch.randn(4, 9, 5),), mse),
+    "sequence_tasks": (seq_model, lambda: (torch.randn(3, 4, 5),), TwoTasks()),
+    "conv2d": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 4, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(4, 6, (2, 3), groups=2, padding=1, padding_mode="reflect"),
+            nn.Tanh(),
+            nn.Conv2d(6, 2, 1, bias=False),
+        ),
+        lambda: (torch.randn(5, 3, 7, 6),),
+        mse,
+    ),
+    "conv1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(3, 4, 3, padding="same", dilation=2),
+            nn.Tanh(),
+            nn.Conv1d(4, 4, 2, groups=4, padding=1, padding_mode="circular", stride=2),
+        ),
+        lambda: (torch.randn(5, 3, 9),),
+        TwoTasks(),
+    ),
+    "conv_dilated": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, dilation=2, padding="same"), nn.Tanh()),
+        lambda: (torch.randn(3, 2, 6, 7),),
+        mse,
+    ),
+    "embedding": (
+        lambda: nn.Sequential(nn.Embedding(6, 4, padding_idx=1), nn.LayerNorm(4), nn.Linear(4, 3)),
+        # few indices over many positions: repeated indices within and across samples
+        lambda: (torch.randint(0, 6, (5, 7)),),
+        mse,
+    ),
+    "norms": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.GroupNorm(2, 4),
+            nn.Tanh(),
+            nn.InstanceNorm2d(4, affine=True),
+            nn.BatchNorm2d(4).eval(),
+        ),
+        lambda: (torch.randn(4, 2, 5, 5),),
+        mse,
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_against_brute_force(case: str, strategy: str) -> None:
+    torch.manual_seed(0)
+    make, inputs, loss_fn = CASES[case]
+    model = make()
+    x = tuple(t.double() if t.is_floating_point() else t for t in inputs())
+    report = assert_exact(model, x, loss_fn, strategy)
+    assert "generic" not in report.values()  # every layer here has a dedicated rule
+
+
+class Shared(nn.Module):
+    """One Linear called twice (cross terms between calls), a tied embedding / linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t: Tensor) -> Tensor:
+        h = self.emb(t)
+        h = self.lin(torch.tanh(self.lin(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shared_and_tied_layers(strategy: str) -> None:
+    torch.manual_seed(1)
+    assert_exact(Shared(), (torch.randint(0, 5, (4, 3)),), mse, strategy)
+
+
+class Custom(nn.Module):
+    """Parameters no rule covers: a raw parameter, an uncalled sub-module used by parameter, a
+    Linear applied to a tensor shared by all samples, and MultiheadAttention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.unused_call = nn.Linear(4, 4)  # its weight is used directly, never called
+        self.shared = nn.Linear(3, 4)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.basis = nn.Parameter(torch.randn(2, 3))
+        self.both = nn.Linear(4, 4)  # called per sample and on a shared tensor
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x * self.scale + self.shared(self.basis).sum(0)  # `shared` sees no batch
+        h = torch.nn.functional.linear(h, self.unused_call.weight)
+        h = self.both(h) + self.both(self.basis @ self.shared.weight.T).sum(0)
+        return self.mha(h, h, h, need_weights=False)[0]
+
+
+def test_fallback_is_exact() -> None:
+    torch.manual_seed(2)
+    report = assert_exact(Custom(), (torch.randn(3, 5, 4),), mse, "auto")
+    assert report["mha"] == "generic"
+
+
+def test_batch_dim_1() -> None:
+    """Sequence-first inputs [T, B, d] and losses [K, B]: Gramian in the losses' order."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, 2)).double()
+
+    def loss_fn(out: Tensor) -> Tensor:  # [T, B, 2] -> [2, B]
+        return torch.stack([(out**2).sum((0, 2)), out.sum((0, 2))])
+
+    assert_exact(model, (torch.randn(3, 4, 4, dtype=torch.float64),), loss_fn, "auto", batch_dim=1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    B=st.integers(1, 5),
+    T=st.integers(1, 4),
+    d=st.integers(1, 6),
+    p=st.integers(1, 6),
+    bias=st.booleans(),
+    ghost=st.booleans(),
+)
+def test_linear_random_sizes(B: int, T: int, d: int, p: int, bias: bool, ghost: bool) -> None:
+    torch.manual_seed(B * 1000 + T * 100 + d * 10 + p)
+    model = nn.Sequential(nn.Linear(d, p, bias=bias))
+    strategy = "ghost" if ghost else "materialize"
+    assert_exact(model, (torch.randn(B, T, d, dtype=torch.float64),), mse, strategy)
+
+
+def test_ghost_or_materialise_rule() -> None:
+    """T = 1 picks the ghost route; a convolution with many positions materialises."""
+    from jdoptim.gramian._layers import LinearFactor
+
+    dense = LinearFactor(0, 1, torch.zeros(1, 64, 1, 128), torch.zeros(1, 64, 1, 1, 128))
+    ghost, mat = dense.costs()
+    assert ghost < mat
+    conv = LinearFactor(0, 1, torch.zeros(1, 32, 900, 27), torch.zeros(1, 32, 1, 900, 16))
+    ghost, mat = conv.costs()
+    assert mat < ghost
+
+
+def test_backward_accumulates_like_autograd() -> None:
+    torch.manual_seed(4)
+    model = seq_model()
+    engine = LayerwiseGramianEngine(model)
+    x = torch.randn(6, 5)
+    params = list(model.parameters())
+    losses = mse(model(x))
+    w = torch.rand(6)
+    expected = torch.autograd.grad((w * losses).sum(), params, retain_graph=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    engine.compute(losses, params).backward(w)
+    for p, g in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, g + 1, rtol=1e-5, atol=1e-6)
+    assert engine._records == []  # stash cleared
+
+
+def test_flat_losses_and_generalized_order() -> None:
+    """Flat [B K] losses are read as [B, K]; the Gramian follows losses.flatten()."""
+    torch.manual_seed(5)
+    model = seq_model()
+    engine = LayerwiseGramianEngine(model)
+    params = list(model.parameters())
+    x = torch.randn(4, 5)
+    G2 = engine.compute(TwoTasks()(model(x)), params).gramian
+    G1 = engine.compute(TwoTasks()(model(x)).flatten(), params).gramian
+    assert G1.shape == (8, 8)
+    torch.testing.assert_close(G1, G2)
+
+
+def test_batchnorm_in_training_mode_raises() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    engine = LayerwiseGramianEngine(model)
+    losses = mse(model(torch.randn(5, 3)))
+    with pytest.raises(ValueError, match="mix the samples"):
+        engine.compute(losses, list(model.parameters()))
+    model.eval()
+    engine.compute(mse(model(torch.randn(5, 3))), list(model.parameters()))
+
+
+def test_inplace_modification_raises_unless_cloned() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 1))
+    params = list(model.parameters())
+    engine = LayerwiseGramianEngine(model)
+    with pytest.raises(ValueError, match="modified in place"):
+        engine.compute(mse(model(torch.randn(5, 3))), params)
+    engine.remove()
+    assert_exact(model, (torch.randn(5, 3, dtype=torch.float64),), mse, "auto", clone_outputs=True)
+
+
+def test_no_grad_forward_is_not_recorded_and_reset() -> None:
+    model = seq_model()
+    engine = LayerwiseGramianEngine(model)
+    with torch.no_grad():
+        model(torch.randn(2, 5))
+    assert engine._records == []
+    model(torch.randn(2, 5))
+    assert len(engine._records) == 2
+    engine.reset()
+    assert engine._records == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_dim": -1}, "batch_dim"),
+        ({"batch_dim": 1.0}, "batch_dim"),
+        ({"strategy": "fast"}, "strategy"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LayerwiseGramianEngine(seq_model(), **kwargs)
+    with pytest.raises(ValueError, match="at least one module"):
+        LayerwiseGramianEngine()
+
+
+def test_bad_weights_and_losses() -> None:
+    model = seq_model()
+    engine = LayerwiseGramianEngine(model, batch_dim=2)
+    with pytest.raises(ValueError, match="batch dimension"):
+        engine.compute(mse(model(torch.randn(3, 5))), list(model.parameters()))
+    engine = LayerwiseGramianEngine(model)
+    result = engine.compute(mse(model(torch.randn(3, 5))), list(model.parameters()))
+    with pytest.raises(ValueError, match="Expected 3 weights"):
+        result.weighted_gradient(torch.ones(4))
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, t: Tensor) -> Tensor:
+        h = self.conv(self.emb(t).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(self.norm(h))).mean(1)
+
+
+def test_compile_fullgraph_matches_eager() -> None:
+    torch.manual_seed(7)
+    model = Small()
+    params = list(model.parameters())
+    engine = LayerwiseGramianEngine(model)
+
+    def step(t: Tensor, y: Tensor) -> Tensor:
+        losses = (model(t) - y) ** 2  # [B, 2]: two losses per sample
+        result = engine.compute(losses, params)
+        w = torch.softmax(result.gramian.diagonal(), 0)
+        result.backward(w)
+        return result.gramian
+
+    t, y = torch.randint(0, 7, (5, 6)), torch.randn(5, 2)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        G_eager = step(t, y)
+        g_eager = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        explained = torch._dynamo.explain(step)(t, y)
+        assert explained.graph_break_count == 0
+        model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True)
+        G = compiled(t, y)
+        torch.testing.assert_close(G, G_eager, rtol=1e-5, atol=1e-6)
+        for p, g in zip(params, g_eager, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+        assert engine._records == []
+        model.zero_grad(set_to_none=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(torch.randint(0, 7, (5, 6)), torch.randn(5, 2))
