@@ -56,9 +56,7 @@ def _require_demo_extra() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        sys.exit(
-            f"The demo needs {missing}: install them with  pip install \"jdoptim[demo]\""
-        )
+        sys.exit(f'The demo needs {missing}: install them with  pip install "jdoptim[demo]"')
 
 
 @dataclass
@@ -154,8 +152,13 @@ def _conflicts(losses: Tensor, params: Sequence[Tensor], direction_weights: Tens
     m = losses.numel()
     eye = torch.eye(m, dtype=losses.dtype)
     rows = torch.autograd.grad(
-        losses.reshape(-1), params, eye, is_grads_batched=True, retain_graph=True,
-        allow_unused=True, materialize_grads=True,
+        losses.reshape(-1),
+        params,
+        eye,
+        is_grads_batched=True,
+        retain_graph=True,
+        allow_unused=True,
+        materialize_grads=True,
     )
     J = torch.cat([r.reshape(m, -1) for r in rows], dim=1)
     d = direction_weights.reshape(-1) @ J
@@ -213,8 +216,13 @@ def train(
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=generator)
         batches = [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-        bar = tqdm(batches, desc=f"{setup}/{method} epoch {epoch + 1}/{epochs}",
-                   disable=quiet, leave=False, file=sys.stdout)
+        bar = tqdm(
+            batches,
+            desc=f"{setup}/{method} epoch {epoch + 1}/{epochs}",
+            disable=quiet,
+            leave=False,
+            file=sys.stdout,
+        )
         for idx in bar:
             x, y = data.x_train[idx], data.y_train[idx]
             # Monitoring (untimed): would the update conflict with one of the objectives?
@@ -231,8 +239,9 @@ def train(
             else:
                 losses = out
             conflicts.append(_conflicts(monitor_losses, params, w.detach()))
-            curve.append(losses.reshape(-1).tolist()[:3] if setup == "mtl"
-                         else [losses.mean().item()])
+            curve.append(
+                losses.reshape(-1).tolist()[:3] if setup == "mtl" else [losses.mean().item()]
+            )
     warm = times[5:] if len(times) > 10 else times
     return RunResult(
         method=method,
@@ -248,15 +257,20 @@ def format_table(setup: str, results: list[RunResult]) -> str:
     metric_names = list(results[0].metrics)
     header = ["method", *metric_names, "ms/step", "conflicting steps"]
     rows = [
-        [r.method, *[f"{r.metrics[k]:.3f}" for k in metric_names], f"{r.step_ms:.2f}",
-         f"{100 * r.conflict_rate:.0f}%"]
+        [
+            r.method,
+            *[f"{r.metrics[k]:.3f}" for k in metric_names],
+            f"{r.step_ms:.2f}",
+            f"{100 * r.conflict_rate:.0f}%",
+        ]
         for r in results
     ]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     title = {"mtl": "multi-task (digit / parity / >4)", "iwrm": "per-sample losses (IWRM)"}[setup]
-    return "\n".join([f"== {title} ==", line(header), line(["-" * w for w in widths]),
-                      *map(line, rows)])
+    return "\n".join(
+        [f"== {title} ==", line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    )
 
 
 def plot(path: str, all_results: dict[str, list[RunResult]]) -> None:
@@ -295,10 +309,16 @@ def plot(path: str, all_results: dict[str, list[RunResult]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jdoptim.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jdoptim.demo", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--setup", choices=["mtl", "iwrm", "both"], default="both")
-    parser.add_argument("--weighting", choices=sorted(GRAMIAN_WEIGHTINGS), default="UPGrad",
-                        help="weighting used by JDOptimizer (default: UPGrad)")
+    parser.add_argument(
+        "--weighting",
+        choices=sorted(GRAMIAN_WEIGHTINGS),
+        default="UPGrad",
+        help="weighting used by JDOptimizer (default: UPGrad)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -315,8 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_results: dict[str, list[RunResult]] = {}
     for setup in setups:
         all_results[setup] = [
-            train(setup, method, data, epochs=args.epochs, batch_size=args.batch_size,
-                  lr=args.lr, seed=args.seed, compile_step=args.compile, quiet=args.quiet)
+            train(
+                setup,
+                method,
+                data,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                compile_step=args.compile,
+                quiet=args.quiet,
+            )
             for method in ("plain", args.weighting)
         ]
         print(format_table(setup, all_results[setup]))

@@ -65,8 +65,14 @@ class JDOptimizer(torch.optim.Optimizer):
         (``other_params_grad="weighted"``) or of :math:`\sum_i L_i` (``"sum"``, torchjd's
         ``mtl_backward`` convention for task heads). ``None``: all parameters.
     :param other_params_grad: see ``params``.
-    :param engine: ``"auto"`` (today the Jacobian engine), a registered engine name, or a
-        :class:`~jdoptim.gramian.GramianEngine`.
+    :param engine: ``"auto"``, ``"jacobian"``, ``"layerwise"``, another registered engine name,
+        or a :class:`~jdoptim.gramian.GramianEngine`. ``"auto"`` takes the layer-wise engine
+        (per-sample Gramians from layer inputs and output gradients, no per-sample gradients,
+        no second backward) when ``model`` and ``batch_dim`` are given and the aggregator needs
+        no Jacobian, and the batched-vjp Jacobian engine otherwise.
+    :param model: the module whose layers the layer-wise engine hooks (per-sample losses).
+    :param batch_dim: the batch dimension of per-sample losses (``losses`` of shape ``[B]`` or
+        ``[B, K]`` with ``batch_dim=0``): declares that loss ``b`` depends on sample ``b`` only.
     :param chunk_size: rows of the Jacobian per backward pass for the Jacobian engine (``None``:
         all at once; ``1``: no ``vmap``).
     :param nonfinite: what to do when the losses or the Gramian hold NaN/inf: ``"raise"``
@@ -112,6 +118,8 @@ class JDOptimizer(torch.optim.Optimizer):
         params: Iterable[Tensor] | None = None,
         other_params_grad: OtherParamsGrad = "weighted",
         engine: str | GramianEngine = "auto",
+        model: torch.nn.Module | None = None,
+        batch_dim: int | None = None,
         chunk_size: int | None = None,
         nonfinite: NonFinitePolicy = "raise",
         configure_compile: bool = True,
@@ -137,7 +145,11 @@ class JDOptimizer(torch.optim.Optimizer):
         self.weighting = weighting
         self._strategy = WeightingStrategy(weighting)
         self.engine = resolve_engine(
-            engine, chunk_size=chunk_size, needs_jacobian=self._strategy.needs_jacobian
+            engine,
+            chunk_size=chunk_size,
+            needs_jacobian=self._strategy.needs_jacobian,
+            model=model,
+            batch_dim=batch_dim,
         )
         from ._functional import _OTHER, _POLICIES
 

@@ -31,7 +31,8 @@ def _call_maybe_without_grad(module: nn.Module, differentiable: bool, *args: Ten
 
 
 class Aggregator(nn.Module, ABC):
-    r"""Maps a Jacobian :math:`J \in \mathbb{R}^{m \times n}` to an update :math:`d \in \mathbb{R}^n`.
+    r"""Maps a Jacobian :math:`J \in \mathbb{R}^{m \times n}` to an update
+    :math:`d \in \mathbb{R}^n`.
 
     Calling an aggregator validates its input (a 2-D tensor with ``m >= 1`` rows and, where value
     checks run, finite entries: see :mod:`jdoptim.aggregation._checks`) and then runs

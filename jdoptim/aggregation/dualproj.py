@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..solvers.dual_cone import Solver, check_non_negative, check_solver, project_weights
-from ._base import GramianWeightedAggregator, Weighting
-from ._format import pref_vector_to_str_suffix
-from ._pref import pref_vector_to_weighting
-from .mean import MeanWeighting
+from ._dual_cone import DualConeAggregator, DualConeWeighting
 
 
-class DualProjWeighting(Weighting):
+class DualProjWeighting(DualConeWeighting):
     r"""Weights :math:`w = \operatorname{Project}(p, G)`: one dual-cone projection.
 
     With preference weights :math:`p` (default :math:`\tfrac1m \mathbb{1}`) and
@@ -28,6 +24,10 @@ class DualProjWeighting(Weighting):
     :param norm_eps: the Gramian is divided by its trace unless the trace is below this.
     :param reg_eps: ridge :math:`\varepsilon_r` added to the normalised Gramian.
     :param solver: ``"torch"`` (sync-free, compilable; default) or ``"quadprog"`` (exact, CPU).
+    :param warm_start: start the ``"torch"`` solver from the previous call's solution when the
+        number of objectives is unchanged (state kept in a non-persistent buffer, cleared by
+        :meth:`reset`). The weights are the same; when consecutive Gramians are close (training
+        on slowly changing gradients), far fewer iterations are needed.
 
     >>> import torch
     >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
@@ -35,33 +35,11 @@ class DualProjWeighting(Weighting):
     tensor([0.6109, 0.5000])
     """
 
-    differentiable = False
-
-    def __init__(
-        self,
-        pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
-        reg_eps: float = 0.0001,
-        solver: Solver = "torch",
-    ) -> None:
-        super().__init__()
-        check_non_negative("norm_eps", norm_eps)
-        check_non_negative("reg_eps", reg_eps)
-        check_solver(solver)
-        self._pref_vector = pref_vector
-        self.weighting = pref_vector_to_weighting(pref_vector, default=MeanWeighting())
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-        self.solver = solver
-
     def forward(self, stat: Tensor, /) -> Tensor:
-        p = self.weighting(stat)
-        return project_weights(
-            p, stat, norm_eps=self.norm_eps, reg_eps=self.reg_eps, solver=self.solver
-        )
+        return self.project(self.weighting(stat), stat)
 
 
-class DualProj(GramianWeightedAggregator):
+class DualProj(DualConeAggregator):
     r"""Aggregator :math:`J \mapsto \pi_J(J^\top p)`: the preference-weighted combination of the
     rows is projected onto the dual cone :math:`\{x : Jx \geq 0\}` (weights from
     :class:`DualProjWeighting`). The result never conflicts with any row (up to the ridge
@@ -72,26 +50,4 @@ class DualProj(GramianWeightedAggregator):
     tensor([0.5563, 1.1109, 1.1109])
     """
 
-    differentiable = False
-
-    def __init__(
-        self,
-        pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
-        reg_eps: float = 0.0001,
-        solver: Solver = "torch",
-    ) -> None:
-        super().__init__(DualProjWeighting(pref_vector, norm_eps, reg_eps, solver))
-        self._pref_vector = pref_vector
-        self._norm_eps = norm_eps
-        self._reg_eps = reg_eps
-        self._solver = solver
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(pref_vector={self._pref_vector!r}, norm_eps="
-            f"{self._norm_eps}, reg_eps={self._reg_eps}, solver={self._solver!r})"
-        )
-
-    def __str__(self) -> str:
-        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self._pref_vector)}"
+    weighting_class = DualProjWeighting

@@ -5,14 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..solvers.dual_cone import Solver, check_non_negative, check_solver, project_weights
-from ._base import GramianWeightedAggregator, Weighting
-from ._format import pref_vector_to_str_suffix
-from ._pref import pref_vector_to_weighting
-from .mean import MeanWeighting
+from ._dual_cone import DualConeAggregator, DualConeWeighting
 
 
-class UPGradWeighting(Weighting):
+class UPGradWeighting(DualConeWeighting):
     r"""Weights :math:`w = \sum_i W_{i,:}` with
     :math:`W = \operatorname{Project}(\operatorname{diag}(p), G)`.
 
@@ -30,6 +26,10 @@ class UPGradWeighting(Weighting):
     :param norm_eps: the Gramian is divided by its trace unless the trace is below this.
     :param reg_eps: ridge :math:`\varepsilon_r` added to the normalised Gramian.
     :param solver: ``"torch"`` (sync-free, compilable; default) or ``"quadprog"`` (exact, CPU).
+    :param warm_start: start the ``"torch"`` solver from the previous call's solution when the
+        number of objectives is unchanged (state kept in a non-persistent buffer, cleared by
+        :meth:`reset`). The weights are the same; when consecutive Gramians are close (training
+        on slowly changing gradients), far fewer iterations are needed.
 
     >>> import torch
     >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
@@ -37,34 +37,12 @@ class UPGradWeighting(Weighting):
     tensor([1.1109, 0.7894])
     """
 
-    differentiable = False
-
-    def __init__(
-        self,
-        pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
-        reg_eps: float = 0.0001,
-        solver: Solver = "torch",
-    ) -> None:
-        super().__init__()
-        check_non_negative("norm_eps", norm_eps)
-        check_non_negative("reg_eps", reg_eps)
-        check_solver(solver)
-        self._pref_vector = pref_vector
-        self.weighting = pref_vector_to_weighting(pref_vector, default=MeanWeighting())
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-        self.solver = solver
-
     def forward(self, stat: Tensor, /) -> Tensor:
         p = self.weighting(stat)
-        W = project_weights(
-            torch.diag(p), stat, norm_eps=self.norm_eps, reg_eps=self.reg_eps, solver=self.solver
-        )
-        return W.sum(0)
+        return self.project(torch.diag(p), stat).sum(0)
 
 
-class UPGrad(GramianWeightedAggregator):
+class UPGrad(DualConeAggregator):
     r"""Aggregator :math:`J \mapsto \sum_i \pi_{J}(p_i g_i)`: each row :math:`g_i`, scaled by its
     preference weight, is projected onto the dual cone :math:`\{x : Jx \geq 0\}` and the
     projections are summed (weights from :class:`UPGradWeighting`). The result never conflicts
@@ -75,26 +53,4 @@ class UPGrad(GramianWeightedAggregator):
     tensor([0.2929, 1.9004, 1.9004])
     """
 
-    differentiable = False
-
-    def __init__(
-        self,
-        pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
-        reg_eps: float = 0.0001,
-        solver: Solver = "torch",
-    ) -> None:
-        super().__init__(UPGradWeighting(pref_vector, norm_eps, reg_eps, solver))
-        self._pref_vector = pref_vector
-        self._norm_eps = norm_eps
-        self._reg_eps = reg_eps
-        self._solver = solver
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(pref_vector={self._pref_vector!r}, norm_eps="
-            f"{self._norm_eps}, reg_eps={self._reg_eps}, solver={self._solver!r})"
-        )
-
-    def __str__(self) -> str:
-        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self._pref_vector)}"
+    weighting_class = UPGradWeighting

@@ -17,12 +17,15 @@ from ._generalized import to_generalized_gramian
 from ._kernels import accumulate_gram, accumulation_dtype, register_gram_kernel
 from ._registry import available_engines, register_engine, resolve_engine
 from .jacobian import JacobianEngine, JacobianResult
+from .layerwise import LayerwiseGramianEngine, LayerwiseResult
 
 __all__ = [
     "GramianEngine",
     "GramianResult",
     "JacobianEngine",
     "JacobianResult",
+    "LayerwiseGramianEngine",
+    "LayerwiseResult",
     "accumulate_gram",
     "accumulation_dtype",
     "available_engines",

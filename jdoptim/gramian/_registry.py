@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
 from ._base import GramianEngine
 from .jacobian import JacobianEngine
+from .layerwise import LayerwiseGramianEngine
 
 EngineFactory = Callable[..., GramianEngine]
 
@@ -25,23 +28,33 @@ def register_engine(name: str, factory: EngineFactory) -> None:
 def available_engines() -> tuple[str, ...]:
     """Names accepted by :func:`resolve_engine` (besides ``"auto"``).
 
-    >>> "jacobian" in available_engines()
+    >>> {"jacobian", "layerwise"} <= set(available_engines())
     True
     """
-    return tuple(_ENGINES)
+    return (*_ENGINES, "layerwise")
 
 
 def resolve_engine(
-    engine: str | GramianEngine, *, chunk_size: int | None = None, needs_jacobian: bool = False
+    engine: str | GramianEngine,
+    *,
+    chunk_size: int | None = None,
+    needs_jacobian: bool = False,
+    model: nn.Module | None = None,
+    batch_dim: int | None = None,
 ) -> GramianEngine:
     """Return an engine instance for a name or pass an instance through.
 
-    ``"auto"`` picks the engine for the job; today that is always the
-    :class:`~jdoptim.gramian.JacobianEngine` (layer-wise engines will take over where they
-    apply and ``needs_jacobian`` is ``False``).
+    ``"auto"`` picks the engine for the job: the
+    :class:`~jdoptim.gramian.LayerwiseGramianEngine` when the losses are per-sample (a
+    ``batch_dim`` is given), the ``model`` to hook is known and the aggregator does not need the
+    materialised Jacobian; the :class:`~jdoptim.gramian.JacobianEngine` otherwise.
+    ``"layerwise"`` asks for the layer-wise engine explicitly (``model`` required; ``batch_dim``
+    defaults to 0).
 
     >>> resolve_engine("auto", chunk_size=4)
     JacobianEngine(chunk_size=4)
+    >>> resolve_engine("auto", model=nn.Linear(2, 3), batch_dim=0)
+    LayerwiseGramianEngine(batch_dim=0, strategy='auto', clone_outputs=False)
     """
     if isinstance(engine, GramianEngine):
         if needs_jacobian and not engine.materializes_jacobian:
@@ -50,7 +63,18 @@ def resolve_engine(
             )
         return engine
     if engine == "auto":
+        if batch_dim is not None and model is not None and not needs_jacobian:
+            return LayerwiseGramianEngine(model, batch_dim=batch_dim)
         return JacobianEngine(chunk_size=chunk_size)
+    if engine == "layerwise":
+        if model is None:
+            raise ValueError('engine="layerwise" needs the model to hook: pass `model=`.')
+        if needs_jacobian:
+            raise ValueError(
+                "The layer-wise engine does not materialise the Jacobian, which this aggregator "
+                "needs."
+            )
+        return LayerwiseGramianEngine(model, batch_dim=0 if batch_dim is None else batch_dim)
     if engine not in _ENGINES:
         raise ValueError(
             f"Unknown engine {engine!r}; expected 'auto', one of {available_engines()} or a "

@@ -28,6 +28,16 @@ _INEXACT_REFERENCE = {
     ("CAGradWeighting(c=0.5)", "J_Krum"): 5e-3,
 }
 
+# Fragile records whose float32 *Gramian* already fixes the answer: G = J J^T of J_TrimmedMean in
+# float32 is off by up to 1.9e14 on entries of 1e22, while the float64 min-norm point has
+# w^T G w ~ 0.1, so no weighting fed that G can recover the float64 optimum. jdoptim's MGDA
+# (float64 Frank-Wolfe on the given G) reproduces torchjd's float32 record instead.
+_FLOAT32_GRAMIAN_BOUND = {
+    ("MGDA()", "J_TrimmedMean"),
+    ("MGDA(epsilon=0.1, max_iters=3)", "J_TrimmedMean"),
+    ("MGDAWeighting()", "J_TrimmedMean"),
+}
+
 
 def _tolerance(r: dict) -> float:
     ctor = r["ctor"]
@@ -81,6 +91,8 @@ def test_reference_record(r: dict) -> None:
     if r.get("fragile"):
         assert twin is not None
         candidates.append((twin, 1e-2))
+        if (r["ctor"], r.get("input")) in _FLOAT32_GRAMIAN_BOUND:
+            candidates.append((r, tol))
     else:
         candidates.append((r, tol))
         if twin is not None and not twin.get("error"):
@@ -105,8 +117,13 @@ def test_edge_record(r: dict) -> None:
     """Edge inputs: bad shapes, no rows and non-finite entries raise ValueError (jdoptim's rule);
     everything else behaves as torchjd (same output, or the same error)."""
     name = r["input"]
-    must_raise_value_error = name in ("vector_3", "tensor_2x2x2", "no_rows_0x3", "nan_entry",
-                                      "inf_entry")
+    must_raise_value_error = name in (
+        "vector_3",
+        "tensor_2x2x2",
+        "no_rows_0x3",
+        "nan_entry",
+        "inf_entry",
+    )
     if must_raise_value_error:
         with pytest.raises(ValueError):
             _run(r)

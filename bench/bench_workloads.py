@@ -1,0 +1,129 @@
+"""The standard workloads (W1 MTL, W2 IWRM MLP, W3 IWRM CNN) with UPGrad, all in one run.
+
+Run: ``python bench/bench_workloads.py [--only W2] [--repeats 30]``. One thread, fixed seeds.
+For each workload it prints the median step time of
+
+* ``plain``: forward, mean loss, ``backward()``, SGD step;
+* ``jdoptim eager`` / ``jdoptim compiled``: forward + ``JDOptimizer(SGD, UPGradWeighting())``
+  ``.step(losses)`` (``engine="auto"``: the layer-wise engine for per-sample losses, the
+  Jacobian engine for multi-task losses); compiled = the whole step under ``torch.compile``;
+* ``jd warm``: compiled, with ``UPGradWeighting(warm_start=True)`` (the QP starts from the
+  previous step's solution; the workloads reuse one batch, so consecutive problems are close);
+* ``torchjd``: the fastest of torchjd's UPGrad variants (``autojac``, ``autogram``,
+  ``mtl_backward``) when torchjd is installed (``pip install torchjd[quadprog_projector]``),
+
+and the ratios to the plain step measured in the same run. ``--phases`` adds a breakdown of the
+jdoptim eager step (forward, Gramian engine, weighting, weighted gradient + SGD step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import workloads as W  # noqa: E402
+
+from jdoptim import JDOptimizer  # noqa: E402
+from jdoptim.aggregation import UPGradWeighting  # noqa: E402
+
+CASES = [("W1", 2), ("W1", 8), ("W1", 32), ("W2", 16), ("W2", 64), ("W2", 256), ("W3", 32)]
+
+
+def jd_step(w: W.Workload, compiled: bool, warm_start: bool = False):
+    iwrm = w.kind == "iwrm"
+    opt = JDOptimizer(
+        torch.optim.SGD(w.model.parameters(), lr=1e-3),
+        UPGradWeighting(warm_start=warm_start),
+        model=w.model if iwrm else None,
+        batch_dim=0 if iwrm else None,
+    )
+
+    def step() -> torch.Tensor:
+        opt.zero_grad()
+        return opt.step(w.losses(w.model, w.x, w.y))
+
+    return (torch.compile(step) if compiled else step), opt
+
+
+def phases(w: W.Workload, repeats: int) -> dict[str, float]:
+    """Median ms of each phase of an eager jdoptim step."""
+    _, opt = jd_step(w, compiled=False)
+    params = [p for p in w.model.parameters() if p.requires_grad]
+    weighting = UPGradWeighting()
+    out: dict[str, list[float]] = {"forward": [], "gramian": [], "weighting": [], "grad+step": []}
+    for k in range(repeats + 3):
+        t0 = time.perf_counter()
+        losses = w.losses(w.model, w.x, w.y).reshape(-1)
+        t1 = time.perf_counter()
+        result = opt.engine.compute(losses, params)
+        t2 = time.perf_counter()
+        weights = weighting(result.gramian)
+        t3 = time.perf_counter()
+        for p, g in zip(
+            params, result.weighted_gradient(weights.to(result.gramian.dtype)), strict=True
+        ):
+            p.grad = g
+        opt.optimizer.step()
+        t4 = time.perf_counter()
+        if k >= 3:
+            for key, dt in zip(out, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                out[key].append(dt)
+    return {k: 1e3 * statistics.median(v) for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="run only workloads whose name starts with this")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--no-torchjd", action="store_true")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--phases", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} steps (ms)")
+    header = (
+        f"{'workload':<12}{'plain':>8}{'jd eager':>18}{'jd compiled':>18}{'jd warm':>18}"
+        f"{'torchjd best':>26}"
+    )
+    print(header)
+    for name, size in CASES:
+        if args.only and not f"{name} ".startswith(args.only) and not name.startswith(args.only):
+            continue
+        plain_w = W.make(name, size)
+        plain = W.median_ms(W.plain_step(plain_w), repeats=args.repeats)
+        eager_step, _ = jd_step(W.make(name, size), compiled=False)
+        eager = W.median_ms(eager_step, repeats=args.repeats)
+        compiled = warm = float("nan")
+        if not args.no_compile:
+            compiled_step, _ = jd_step(W.make(name, size), compiled=True)
+            compiled = W.median_ms(compiled_step, warmup=3, repeats=args.repeats)
+            warm_step, _ = jd_step(W.make(name, size), compiled=True, warm_start=True)
+            warm = W.median_ms(warm_step, warmup=3, repeats=args.repeats)
+        best, best_name = float("nan"), "-"
+        if not args.no_torchjd:
+            reps = max(3, args.repeats // 5) if (name, size) == ("W2", 256) else args.repeats
+            for variant, fn in W.torchjd_steps(W.make(name, size)).items():
+                t = W.median_ms(fn, warmup=2, repeats=reps)
+                if not t >= best:
+                    best, best_name = t, variant
+        print(
+            f"{plain_w.name:<12}{plain:>8.2f}{eager:>10.2f} ({eager / plain:>4.1f}x)"
+            f"{compiled:>10.2f} ({compiled / plain:>4.1f}x)"
+            f"{warm:>10.2f} ({warm / plain:>4.1f}x)"
+            f"{best:>10.2f} ({best / plain:>5.1f}x, {best_name})"
+        )
+        if args.phases:
+            ph = phases(W.make(name, size), args.repeats)
+            print("    eager phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
