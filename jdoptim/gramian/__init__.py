@@ -14,7 +14,12 @@ weighted gradient → inner optimizer). See :class:`GramianEngine` for the inter
 
 from ._base import GramianEngine, GramianResult
 from ._generalized import to_generalized_gramian
-from ._kernels import accumulate_gram, accumulation_dtype, register_gram_kernel
+from ._kernels import (
+    accumulate_gram,
+    accumulation_dtype,
+    register_gram_kernel,
+    register_linear_gram_kernel,
+)
 from ._registry import available_engines, register_engine, resolve_engine
 from .jacobian import JacobianEngine, JacobianResult
 from .layerwise import LayerwiseGramianEngine, LayerwiseResult
@@ -31,6 +36,7 @@ __all__ = [
     "available_engines",
     "register_engine",
     "register_gram_kernel",
+    "register_linear_gram_kernel",
     "resolve_engine",
     "to_generalized_gramian",
 ]

@@ -23,6 +23,13 @@ GramKernel = Callable[[Tensor, Tensor], Tensor]
 
 _KERNELS: dict[str, GramKernel] = {}
 
+LinearGramKernel = Callable[[Tensor, Tensor, bool], Tensor]
+"""``kernel(A, D, bias) -> [B, K, B, K]`` per-sample Gramian of a linear layer (see
+:class:`jdoptim.gramian._layers.LinearFactor`: ``A`` is ``[G, B, T, d]``, ``D``
+``[G, B, K, T, p]``)."""
+
+_LINEAR_KERNELS: dict[str, LinearGramKernel] = {}
+
 
 def register_gram_kernel(device_type: str, kernel: GramKernel | None) -> None:
     """Use ``kernel`` for Gram accumulation on ``device_type`` (``None`` restores torch).
@@ -33,6 +40,27 @@ def register_gram_kernel(device_type: str, kernel: GramKernel | None) -> None:
         _KERNELS.pop(device_type, None)
     else:
         _KERNELS[device_type] = kernel
+
+
+def register_linear_gram_kernel(device_type: str, kernel: LinearGramKernel | None) -> None:
+    """Use ``kernel`` for the layer-wise engine's linear-layer Gramians on ``device_type``
+    (``None`` restores torch). Same tracing requirement as :func:`register_gram_kernel`.
+
+    >>> register_linear_gram_kernel("cuda", None)
+    """
+    if kernel is None:
+        _LINEAR_KERNELS.pop(device_type, None)
+    else:
+        _LINEAR_KERNELS[device_type] = kernel
+
+
+def linear_gram_kernel(device_type: str) -> LinearGramKernel | None:
+    """The kernel registered with :func:`register_linear_gram_kernel`, if any.
+
+    >>> linear_gram_kernel("meta") is None
+    True
+    """
+    return _LINEAR_KERNELS.get(device_type)
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._kernels import linear_gram_kernel
+
 _RMSNorm = getattr(nn, "RMSNorm", nn.LayerNorm)
 
 Want = Callable[[int], bool]
@@ -131,6 +133,9 @@ class LinearFactor:
         return out
 
     def gram(self, dims: Dims) -> Tensor:
+        kernel = linear_gram_kernel(self.A.device.type)
+        if kernel is not None:  # e.g. the fused Triton kernel of jdoptim.kernels on CUDA
+            return kernel(self.A, self.D, self.bias is not None)
         G, B, T, d = self.A.shape
         K, p = dims.K, self.D.shape[-1]
         Af = self.A.reshape(G, B * T, d)
