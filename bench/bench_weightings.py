@@ -42,6 +42,7 @@ def gramian(m: int, n: int = 1024, seed: int = 0) -> torch.Tensor:
 def test_weighting(benchmark, name: str, m: int, mode: str) -> None:
     if name == "Krum" and m < 3:
         pytest.skip("Krum needs m >= n_byzantine + 3")
+    torch._dynamo.reset()  # one lambda code object serves every case: no recompile limit
     weighting = WEIGHTINGS[name]()
     G = gramian(m)
     fn = weighting if mode == "eager" else torch.compile(lambda x: weighting(x), fullgraph=True)

@@ -199,7 +199,12 @@ def train(
         model, losses_fn, metrics_fn = iwrm_model(), iwrm_losses, iwrm_metrics
     params = [p for p in model.parameters()]
     inner = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    jd = None if method == "plain" else JDOptimizer(inner, GRAMIAN_WEIGHTINGS[method]())
+    jd = None
+    if method != "plain":
+        # Per-sample losses: the layer-wise engine builds the Gramian from the layers' inputs and
+        # output gradients (``model=``, ``batch_dim=``); multi-task: the Jacobian engine.
+        per_sample = {"model": model, "batch_dim": 0} if setup == "iwrm" else {}
+        jd = JDOptimizer(inner, GRAMIAN_WEIGHTINGS[method](), **per_sample)
 
     # zero_grad stays outside the (possibly compiled) step: with the autograd tracing that
     # jdoptim.configure_compile switches on, torch 2.13 loses the gradients of a traced

@@ -112,6 +112,9 @@ def minimize_linear_plus_norm(
         return (w @ linear + scale * s) / mu - w.log().sum(-1) - q.log() - (s_max - s).log()
 
     def body(w: Tensor, s: Tensor, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # The size is read from the carry, not closed over: under dynamic shapes a closed-over
+        # symbolic size breaks Inductor's while_loop subgraph update.
+        m = w.shape[-1]
         p = gramian @ w
         q = s * s - w @ p
         gap = s_max - s

@@ -70,3 +70,29 @@ def test_weighting_compiles_fullgraph_and_matches_eager(name: str) -> None:
                 assert out.shape == eager.shape and bool(torch.isfinite(out).all())
             else:
                 torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+
+
+LOOPING = [
+    "UPGradWeighting",
+    "DualProjWeighting",
+    "MGDAWeighting",
+    "IMTLGWeighting",
+    "AlignedMTLWeighting",
+    "CAGradWeighting",
+    "PCGradWeighting",
+]
+
+
+@pytest.mark.parametrize("name", LOOPING)
+def test_weighting_recompiles_for_a_new_number_of_objectives(name: str) -> None:
+    """A new m makes Dynamo recompile with a dynamic size: the solver loops must survive it
+    (e.g. the last, smaller batch of an epoch with per-sample losses)."""
+    weighting = GRAMIAN_WEIGHTINGS[name]()
+    compiled = torch.compile(lambda G: weighting(G), fullgraph=True)
+    for m in (6, 9, 13):
+        G = _gramian(m, m=m, n=m + 3)
+        torch.manual_seed(0)
+        out = compiled(G)
+        assert out.shape == (m,)
+        if name not in RANDOM:
+            torch.testing.assert_close(out, weighting(G), rtol=1e-5, atol=1e-6)
