@@ -14,12 +14,20 @@ from hypothesis import strategies as st
 from jdoptim.solvers.eigh import (
     _round_robin_permutation,
     default_sweeps,
+    eig_method,
     psd_pinv,
     psd_pinv_apply,
     symmetric_eig,
 )
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _jacobi_on_cpu():
+    """These tests are about the sync-free Jacobi solver: use it on the CPU too."""
+    with eig_method("jacobi"):
+        yield
 
 
 def _orthogonal(m: int, g: torch.Generator) -> torch.Tensor:
