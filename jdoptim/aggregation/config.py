@@ -34,7 +34,7 @@ def unit_rows_pinv_apply(units: Tensor, p: Tensor, rtol: float) -> Tensor:
 
     >>> import torch
     >>> u = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
-    >>> unit_rows_pinv_apply(u, torch.ones(2, dtype=torch.float64), rtol=1e-6)
+    >>> unit_rows_pinv_apply(u, torch.ones(2, dtype=torch.float64), rtol=1e-6).round(decimals=12)
     tensor([1., 0.], dtype=torch.float64)
     """
     m, n = units.shape
