@@ -66,6 +66,8 @@ class _NashMTLWeighting(Weighting, Stateful):
         self._problem = None
 
     def _build_problem(self) -> None:
+        # Eager-only, CPU/numpy path (cvxpy + ECOS): the documented exception to the sync-free
+        # rule, see the class docstring and docs/faq.rst.
         import cvxpy as cp
 
         n = self.n_tasks

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jdoptim.aggregation import AlignedMTL, AlignedMTLWeighting
-from jdoptim.solvers.eigh import eig_method
 from tests.solvers.bank import KINDS, make_jacobian
 
 from ._linalg_refs import aligned_mtl_ref
@@ -19,12 +18,7 @@ EPS64 = torch.finfo(torch.float64).eps
 MODES = ("min", "median", "rmse")
 
 
-@pytest.fixture(autouse=True, params=["jacobi", "eigh"])
-def _eig_method(request):
-    """Run every test with the sync-free Jacobi solver (what accelerators use) and with LAPACK's
-    eigh (the CPU default)."""
-    with eig_method(request.param):
-        yield
+pytestmark = pytest.mark.usefixtures("each_eig_method")
 
 
 @pytest.mark.parametrize("mode", MODES)

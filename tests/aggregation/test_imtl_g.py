@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jdoptim.aggregation import IMTLG, IMTLGWeighting
-from jdoptim.solvers.eigh import eig_method
 from tests.solvers.bank import KINDS, make_jacobian
 
 from ._linalg_refs import imtlg_ref
@@ -17,12 +16,7 @@ from ._linalg_refs import imtlg_ref
 EPS64 = torch.finfo(torch.float64).eps
 
 
-@pytest.fixture(autouse=True, params=["jacobi", "eigh"])
-def _eig_method(request):
-    """Run every test with the sync-free Jacobi solver (what accelerators use) and with LAPACK's
-    eigh (the CPU default)."""
-    with eig_method(request.param):
-        yield
+pytestmark = pytest.mark.usefixtures("each_eig_method")
 
 
 @pytest.mark.parametrize("kind", KINDS)
