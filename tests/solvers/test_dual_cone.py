@@ -165,3 +165,36 @@ def test_compiles_fullgraph_matches_eager_no_recompile() -> None:
         out2 = compiled(G2)
     assert torch.allclose(out2, fn(G2), rtol=1e-6, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_eager_calls_use_a_compiled_kernel_with_the_same_result() -> None:
+    J = make_jacobian("aligned_conflict", 24, seed=4)
+    G_hat = _g_hat(J @ J.T)
+    U = torch.eye(24, dtype=F64) / 24
+    compiled = mprgp_solve(G_hat, U)
+    dual_cone.set_eager_compilation(False)
+    try:
+        plain = mprgp_solve(G_hat, U)
+    finally:
+        dual_cone.set_eager_compilation(True)
+    # Both stop once the projected gradient is below 1e-10 of the bounds: equal to ~1e-9.
+    torch.testing.assert_close(compiled, plain, rtol=0, atol=1e-8)
+
+
+def test_compilation_failure_falls_back_to_eager_with_one_warning(monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(dual_cone._compiled, "mprgp", broken)
+    J = make_jacobian("random", 6, seed=0)
+    G_hat = _g_hat(J @ J.T)
+    U = torch.eye(6, dtype=F64) / 6
+    try:
+        with pytest.warns(RuntimeWarning, match="could not compile"):
+            out = mprgp_solve(G_hat, U)
+        assert not dual_cone._eager_compilation["enabled"]
+        torch.testing.assert_close(
+            out, project_weights(U, J @ J.T, solver="quadprog"), rtol=1e-6, atol=1e-9
+        )
+    finally:
+        dual_cone.set_eager_compilation(True)
