@@ -30,15 +30,13 @@ Two solvers:
 from __future__ import annotations
 
 import math
-import os
-import warnings
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..aggregation._gramian import normalize, regularize
+from ._eager_compile import eager_compiled
 from ._loop import bounded_loop
 
 Solver = Literal["torch", "quadprog"]
@@ -105,50 +103,13 @@ def mprgp_solve(
     """
     if n_iters is None:
         n_iters = default_iterations(gramian.shape[-1])
-    if torch.compiler.is_compiling() or not _eager_compilation["enabled"]:
-        return _mprgp(gramian, lower, n_iters, init)
-    return _compiled_mprgp(gramian, lower, n_iters, init)
+    return _mprgp(gramian, lower, n_iters, init)
 
 
-_eager_compilation = {"enabled": os.environ.get("JDOPTIM_COMPILE_SOLVERS", "1") != "0"}
-_compiled: dict[str, Callable[..., Tensor]] = {}
-
-
-def set_eager_compilation(enabled: bool) -> None:
-    """Choose whether eager calls of the ``"torch"`` solver run a ``torch.compile``-d kernel.
-
-    On by default (or set ``JDOPTIM_COMPILE_SOLVERS=0``): outside a compiled region, the MPRGP
-    loop runs as one compiled function, cached by shape (sizes become dynamic after the first
-    change), which is 2-6x faster than op-by-op eager execution. The first call for a new shape
-    compiles (a few seconds). Inside a user's ``torch.compile`` region nothing changes: the loop
-    is traced into the user's graph. If compilation fails (e.g. no C++ compiler), a warning is
-    issued once and the eager loop is used from then on.
-
-    >>> set_eager_compilation(True)
-    """
-    _eager_compilation["enabled"] = bool(enabled)
-
-
-def _compiled_mprgp(gramian: Tensor, lower: Tensor, n_iters: int, init: Tensor | None) -> Tensor:
-    fn = _compiled.get("mprgp")
-    if fn is None:
-        fn = _compiled["mprgp"] = torch.compile(_mprgp, fullgraph=True)
-    try:
-        return fn(gramian, lower, n_iters, init)
-    except Exception as error:  # compilation infrastructure only: the inputs were validated
-        warnings.warn(
-            f"jdoptim could not compile the dual-cone solver ({type(error).__name__}: {error}); "
-            "falling back to eager execution (slower). Call "
-            "jdoptim.solvers.dual_cone.set_eager_compilation(False) to silence this.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        _eager_compilation["enabled"] = False
-        return _mprgp(gramian, lower, n_iters, init)
-
-
+@eager_compiled
 def _mprgp(gramian: Tensor, lower: Tensor, n_iters: int, init: Tensor | None) -> Tensor:
-    """The MPRGP iterations of :func:`mprgp_solve` (``n_iters`` given)."""
+    """The MPRGP iterations of :func:`mprgp_solve` (``n_iters`` given). Eager calls run a
+    compiled kernel (:mod:`jdoptim.solvers._eager_compile`)."""
     # Step of the projected-gradient (expansion) steps: 1.9 / an upper bound of lambda_max.
     bound = torch.minimum(gramian.abs().sum(-1).amax(), gramian.diagonal().sum())
     abar = 1.9 / torch.where(bound > 0, bound, torch.ones_like(bound))

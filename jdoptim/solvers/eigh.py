@@ -45,6 +45,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from ._eager_compile import eager_compiled
 from ._loop import fixed_loop
 
 __all__ = ["default_sweeps", "eig_method", "psd_pinv", "psd_pinv_apply", "symmetric_eig"]
@@ -157,6 +158,7 @@ def _jacobi_round(a: Tensor, w: Tensor, sched: _Schedule, skip: Tensor) -> tuple
     return a, w
 
 
+@eager_compiled
 def _jacobi(a: Tensor, n_sweeps: int) -> tuple[Tensor, Tensor]:
     """Eigenvalues (unsorted) and eigenvector rows of the float64 symmetric matrix ``a``."""
     *batch, m, _ = a.shape

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._eager_compile import eager_compiled
 from ._loop import fixed_loop
 
 
@@ -51,6 +52,7 @@ def project_onto_simplex(x: Tensor, dim: int = -1) -> Tensor:
     return torch.clamp(x - tau, min=0).movedim(-1, dim)
 
 
+@eager_compiled
 def minimize_linear_plus_norm(
     gramian: Tensor, linear: Tensor, scale: Tensor, n_iters: int = 100
 ) -> Tensor:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jdoptim.aggregation._gramian import normalize, regularize
-from jdoptim.solvers import dual_cone
+from jdoptim.solvers import _eager_compile, dual_cone, set_eager_compilation
 from jdoptim.solvers.dual_cone import default_iterations, mprgp_solve, project_weights
 
 from .bank import KINDS, make_jacobian
@@ -172,11 +172,11 @@ def test_eager_calls_use_a_compiled_kernel_with_the_same_result() -> None:
     G_hat = _g_hat(J @ J.T)
     U = torch.eye(24, dtype=F64) / 24
     compiled = mprgp_solve(G_hat, U)
-    dual_cone.set_eager_compilation(False)
+    set_eager_compilation(False)
     try:
         plain = mprgp_solve(G_hat, U)
     finally:
-        dual_cone.set_eager_compilation(True)
+        set_eager_compilation(True)
     # Both stop once the projected gradient is below 1e-10 of the bounds: equal to ~1e-9.
     torch.testing.assert_close(compiled, plain, rtol=0, atol=1e-8)
 
@@ -185,16 +185,16 @@ def test_compilation_failure_falls_back_to_eager_with_one_warning(monkeypatch) -
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setitem(dual_cone._compiled, "mprgp", broken)
+    monkeypatch.setitem(_eager_compile._cache, dual_cone._mprgp.plain, broken)
     J = make_jacobian("random", 6, seed=0)
     G_hat = _g_hat(J @ J.T)
     U = torch.eye(6, dtype=F64) / 6
     try:
         with pytest.warns(RuntimeWarning, match="could not compile"):
             out = mprgp_solve(G_hat, U)
-        assert not dual_cone._eager_compilation["enabled"]
+        assert not _eager_compile.eager_compilation_enabled()
         torch.testing.assert_close(
             out, project_weights(U, J @ J.T, solver="quadprog"), rtol=1e-6, atol=1e-9
         )
     finally:
-        dual_cone.set_eager_compilation(True)
+        set_eager_compilation(True)
