@@ -49,6 +49,7 @@ def _cvxpy_weights(gramian_n: Tensor, c: float, norm_eps: float) -> Tensor:
     Eager-only and CPU/numpy: this path synchronises by design (allowed exception to the
     sync-free rule, like ``solver="quadprog"`` elsewhere).
     """
+    # Exact reference path (solver="cvxpy"): numpy/cvxpy on the CPU, eager only, syncs.
     import cvxpy as cp
     import numpy as np
 

@@ -86,6 +86,7 @@ class _NashMTLWeighting(Weighting, Stateful):
 
     def _solve(self, alpha_t):  # type: ignore[no-untyped-def]
         """The sequence of convex problems of Nash-MTL, warm-started at ``alpha_t`` (numpy)."""
+        # Eager-only CPU/numpy path (documented exception to the sync-free rule).
         import cvxpy as cp
         import numpy as np
 
@@ -129,6 +130,7 @@ class _NashMTLWeighting(Weighting, Stateful):
             if self._problem is None:
                 self._build_problem()
             _, _, _, gtg_param, nu_param = self._problem
+            # Host round trip into cvxpy: the documented eager-only exception (class docstring).
             gtg = (gramian / nu).detach().to(torch.float64).cpu()
             self.gtg.copy_(gtg)
             self.normalization_factor.fill_(float(nu))
