@@ -5,8 +5,9 @@ For each workload it prints the median step time of
 
 * ``plain``: forward, mean loss, ``backward()``, SGD step;
 * ``jdoptim eager`` / ``jdoptim compiled``: forward + ``JDOptimizer(SGD, UPGradWeighting())``
-  ``.step(losses)`` (``engine="auto"``: the layer-wise engine for per-sample losses, the
-  Jacobian engine for multi-task losses); compiled = the whole step under ``torch.compile``;
+  ``.step(losses)`` (the layer-wise engine for per-sample losses, ``model=`` and
+  ``batch_dim=0``; the :class:`~jdoptim.gramian.MultiTaskGramianEngine` on the encoder and
+  heads for the multi-task W1); compiled = the whole step under ``torch.compile``;
 * ``jd warm``: compiled, with ``UPGradWeighting(warm_start=True)`` (the QP starts from the
   previous step's solution; the workloads reuse one batch, so consecutive problems are close);
 * ``torchjd``: the fastest of torchjd's UPGrad variants (``autojac``, ``autogram``,
@@ -32,17 +33,24 @@ import workloads as W  # noqa: E402
 
 from jdoptim import JDOptimizer  # noqa: E402
 from jdoptim.aggregation import UPGradWeighting  # noqa: E402
+from jdoptim.gramian import GramianEngine, MultiTaskGramianEngine  # noqa: E402
 
 CASES = [("W1", 2), ("W1", 8), ("W1", 32), ("W2", 16), ("W2", 64), ("W2", 256), ("W3", 32)]
 
 
-def jd_step(w: W.Workload, compiled: bool, warm_start: bool = False):
+def jd_step(w: W.Workload, compiled: bool, warm_start: bool = False, engine: str = "auto"):
+    """A jdoptim step: the layer-wise engine for per-sample losses, the multi-task engine
+    (trunk + heads) for W1, or ``engine="jacobian"`` for the batched-vjp Jacobian engine."""
     iwrm = w.kind == "iwrm"
+    chosen: str | GramianEngine = engine
+    if engine == "auto" and not iwrm:
+        chosen = MultiTaskGramianEngine(w.model.encoder, w.model.heads)
     opt = JDOptimizer(
         torch.optim.SGD(w.model.parameters(), lr=1e-3),
         UPGradWeighting(warm_start=warm_start),
         model=w.model if iwrm else None,
         batch_dim=0 if iwrm else None,
+        engine=chosen,
     )
 
     def step() -> torch.Tensor:

@@ -4,6 +4,11 @@ Two regression tasks share a trunk. Their gradients with respect to the trunk co
 second target is almost the opposite of the first), so the gradient of the summed loss would
 sacrifice one task for the other. UPGrad combines the task gradients into an update that
 conflicts with neither: the Gramian ``G`` and the weights ``w`` satisfy ``G @ w >= 0``.
+
+The :class:`~jdoptim.gramian.MultiTaskGramianEngine`, built on the trunk and the heads (in the
+order of the losses), computes the same Gramian as the default Jacobian engine while keeping
+the structure: one ordinary backward through the heads and one backward through the trunk
+batched over the tasks.
 """
 
 import torch
@@ -11,6 +16,7 @@ from torch import nn
 
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGradWeighting
+from jdoptim.gramian import MultiTaskGramianEngine
 
 
 class MultiTaskModel(nn.Module):
@@ -27,7 +33,10 @@ class MultiTaskModel(nn.Module):
 def main(steps: int = 60) -> torch.Tensor:
     torch.manual_seed(0)
     model = MultiTaskModel()
-    optimizer = JDOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), UPGradWeighting())
+    engine = MultiTaskGramianEngine(model.trunk, model.heads)
+    optimizer = JDOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), UPGradWeighting(), engine=engine
+    )
 
     x = torch.randn(128, 8)
     targets = [x[:, 0] + x[:, 1] ** 2, -x[:, 0] + 0.1 * x[:, 2]]

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 import jdoptim.aggregation as aggregation
 from jdoptim import JDOptimizer
+from jdoptim.gramian import MultiTaskGramianEngine
 
 GRAMIAN_WEIGHTINGS = {
     "UPGrad": lambda: aggregation.UPGradWeighting(),
@@ -202,9 +203,15 @@ def train(
     jd = None
     if method != "plain":
         # Per-sample losses: the layer-wise engine builds the Gramian from the layers' inputs and
-        # output gradients (``model=``, ``batch_dim=``); multi-task: the Jacobian engine.
-        per_sample = {"model": model, "batch_dim": 0} if setup == "iwrm" else {}
-        jd = JDOptimizer(inner, GRAMIAN_WEIGHTINGS[method](), **per_sample)
+        # output gradients (``model=``, ``batch_dim=``); multi-task: the multi-task engine on the
+        # shared trunk and the three heads (in the order of the losses).
+        if setup == "iwrm":
+            jd = JDOptimizer(inner, GRAMIAN_WEIGHTINGS[method](), model=model, batch_dim=0)
+        else:
+            assert isinstance(model, MultiTaskNet)
+            heads = [model.digit, model.parity, model.greater]
+            engine = MultiTaskGramianEngine(model.trunk, heads)
+            jd = JDOptimizer(inner, GRAMIAN_WEIGHTINGS[method](), engine=engine)
 
     # zero_grad stays outside the (possibly compiled) step: with the autograd tracing that
     # jdoptim.configure_compile switches on, torch 2.13 loses the gradients of a traced

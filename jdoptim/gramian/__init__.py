@@ -23,6 +23,7 @@ from ._kernels import (
 from ._registry import available_engines, register_engine, resolve_engine
 from .jacobian import JacobianEngine, JacobianResult
 from .layerwise import LayerwiseGramianEngine, LayerwiseResult
+from .multitask import MultiTaskGramianEngine, MultiTaskResult
 
 __all__ = [
     "GramianEngine",
@@ -31,6 +32,8 @@ __all__ = [
     "JacobianResult",
     "LayerwiseGramianEngine",
     "LayerwiseResult",
+    "MultiTaskGramianEngine",
+    "MultiTaskResult",
     "accumulate_gram",
     "accumulation_dtype",
     "available_engines",

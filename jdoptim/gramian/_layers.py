@@ -76,6 +76,19 @@ class PerSample:
         return {i: torch.einsum("bk,bkn->n", w, J) for i, J in self.grads.items()}
 
 
+def _pairwise(B: int, K: int, T: int, p: int) -> int:
+    """Multiply-adds of the ghost Gramian formed pairwise: every ``(b, k, t)`` against every
+    ``(c, l, s)`` (cheap when ``T = 1`` or ``K = 1``)."""
+    return (B * K * T) ** 2 * (p + 1)
+
+
+def _kernel_first(B: int, K: int, T: int, p: int) -> int:
+    """Multiply-adds of the ghost Gramian formed kernel-first: the input kernel ``AA^T`` applied
+    to the output gradients, then one product per sample pair (cheap for ``K, T > 1``, e.g.
+    multi-task losses over a whole batch)."""
+    return (B * T) ** 2 * K * p + (B * K) ** 2 * T * p
+
+
 class LinearFactor:
     r"""Weight (and bias) of a linear map applied position-wise, in ``G`` independent groups.
 
@@ -87,7 +100,11 @@ class LinearFactor:
     .. math:: \mathcal{G}_{bk,cl} = \sum_g \sum_{t,s} (A_{gbt} \cdot A_{gcs} + [\text{bias}])
         (D_{gbkt} \cdot D_{gcls}),
 
-    the ``+1`` folding in the bias, whose per-sample gradient is :math:`\sum_t D_{gbkt}`.
+    the ``+1`` folding in the bias, whose per-sample gradient is :math:`\sum_t D_{gbkt}`. It is
+    formed in the cheaper of two orders: *pairwise* (all ``(b, k, t)`` against all ``(c, l, s)``,
+    :math:`(BKT)^2 (p + 1)` multiply-adds) or *kernel-first* (:math:`\sum_s (AA^\top)_{bt, cs}
+    D_{gcls}` first, then one product per pair of samples: :math:`(BT)^2 Kp + (BK)^2 Tp`, far
+    cheaper for ``K`` losses over ``T`` positions, e.g. multi-task losses over a whole batch).
     """
 
     def __init__(self, weight: int, bias: int | None, A: Tensor, D: Tensor) -> None:
@@ -120,7 +137,8 @@ class LinearFactor:
         G, B, T, d = self.A.shape
         K, p = self.D.shape[2], self.D.shape[-1]
         db = d + (self.bias is not None)
-        ghost = G * ((B * T) ** 2 * d + (B * K * T) ** 2 * (p + 1) + B * T * p * db)
+        ghost = G * ((B * T) ** 2 * d + min(_pairwise(B, K, T, p), _kernel_first(B, K, T, p)))
+        ghost += G * B * T * p * db
         mat = G * (B * K * T * p * db + (B * K) ** 2 * p * db + B * K * p * db)
         return ghost, mat
 
@@ -142,6 +160,15 @@ class LinearFactor:
         AA = Af @ Af.mT
         if self.bias is not None:
             AA = AA + 1
+        if _kernel_first(B, K, T, p) < _pairwise(B, K, T, p):
+            # KD[g, c, (b, t), (q, l)] = sum_s AA[g, (b, t), (c, s)] D[g, c, l, s, q]; laid out
+            # so that the last product needs no copy when B = 1 (multi-task losses).
+            AAc = AA.reshape(G, B * T, B, T).permute(0, 2, 1, 3)
+            Dc = self.D.permute(0, 1, 3, 4, 2).reshape(G, B, T, p * K)
+            KD = (AAc @ Dc).reshape(G, B, B, T * p, K)  # [g, c, b, (t, q), l]
+            KD = KD.permute(0, 2, 3, 1, 4).reshape(G, B, T * p, B * K)
+            out = self.D.reshape(G, B, K, T * p) @ KD
+            return out.sum(0).reshape(B, K, B, K)
         Df = self.D.reshape(G, B * K * T, p)
         DD = Df @ Df.mT
         prod = DD.reshape(G, B, K, T, B, K, T) * AA.reshape(G, B, 1, T, B, 1, T)

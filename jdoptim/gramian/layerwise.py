@@ -25,7 +25,8 @@ counts the multiply-adds of both routes, Gramian plus weighted gradient, for ``B
 and output size ``p``:
 
 .. math::
-    \text{ghost} = G\,[(BT)^2 d + (BKT)^2 (p+1) + BTpd], \qquad
+    \text{ghost} = G\,[(BT)^2 d + \min\{(BKT)^2 (p+1),\ (BT)^2 Kp + (BK)^2 Tp\} + BTpd],
+    \qquad
     \text{materialised} = G\,[BKTpd + (BK)^2 pd + BKpd],
 
 and takes the ghost route iff ghost :math:`\le` materialised (``strategy="auto"``). For one
@@ -435,34 +436,7 @@ class LayerwiseGramianEngine(GramianEngine):
         )
 
     def _prepare(self, factors: list[Factor], pool: PerSample) -> list[Factor]:
-        """Merge the calls of shared weights and pick ghost or materialised per weight."""
-        groups: dict[tuple, list[Factor]] = {}
-        for f in factors:
-            if isinstance(f, PerSample):
-                pool.add(f.grads)
-            else:
-                groups.setdefault(f.key, []).append(f)
-        owners: dict[int, int] = {}
-        for fs in groups.values():
-            for i in fs[0].params:
-                owners[i] = owners.get(i, 0) + 1
-        out: list[Factor] = []
-        for fs in groups.values():
-            shared = any(owners[i] > 1 or i in pool.grads for i in fs[0].params)
-            if shared:  # reached through several rules: materialise and sum
-                for f in fs:
-                    pool.add(f.materialize())
-                continue
-            merged = type(fs[0]).concat(fs)  # type: ignore[arg-type]
-            ghost, mat = merged.costs()
-            use_ghost = self.strategy == "ghost" or (self.strategy == "auto" and ghost <= mat)
-            if use_ghost:
-                out.append(merged)
-            else:
-                pool.add(merged.materialize())
-        if pool.grads:
-            out.append(pool)
-        return out
+        return prepare_factors(factors, pool, self.strategy)
 
     @staticmethod
     def _to_losses_order(G: Tensor, shape: torch.Size, dims: Dims) -> Tensor:
@@ -485,6 +459,43 @@ class LayerwiseGramianEngine(GramianEngine):
     def report(self) -> dict[str, str]:
         """Which rule handles each hooked module (``"generic"``: exact batched-vjp fallback)."""
         return {info.name: info.rule.name for info in self._infos}
+
+
+def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) -> list[Factor]:
+    """Merge the calls of shared weights and pick ghost or materialised per weight.
+
+    Factors of a weight reached through several rules (or also in ``pool``) are materialised
+    and summed into ``pool``; the others are concatenated per weight and kept as ghost factors
+    when that route is cheaper (``strategy="auto"``) or forced. Returns the factors to
+    evaluate, ``pool`` last when it holds anything.
+    """
+    groups: dict[tuple, list[Factor]] = {}
+    for f in factors:
+        if isinstance(f, PerSample):
+            pool.add(f.grads)
+        else:
+            groups.setdefault(f.key, []).append(f)
+    owners: dict[int, int] = {}
+    for fs in groups.values():
+        for i in fs[0].params:
+            owners[i] = owners.get(i, 0) + 1
+    out: list[Factor] = []
+    for fs in groups.values():
+        shared = any(owners[i] > 1 or i in pool.grads for i in fs[0].params)
+        if shared:  # reached through several rules: materialise and sum
+            for f in fs:
+                pool.add(f.materialize())
+            continue
+        merged = type(fs[0]).concat(fs)  # type: ignore[arg-type]
+        ghost, mat = merged.costs()
+        use_ghost = strategy == "ghost" or (strategy == "auto" and ghost <= mat)
+        if use_ghost:
+            out.append(merged)
+        else:
+            pool.add(merged.materialize())
+    if pool.grads:
+        out.append(pool)
+    return out
 
 
 __all__ = ["LayerwiseGramianEngine", "LayerwiseResult"]

@@ -1,0 +1,446 @@
+r"""The multi-task engine: a shared trunk, one head per task, and the structure kept.
+
+In multi-task learning a *trunk* with parameters :math:`\theta_s` maps the batch to features
+:math:`z`, *head* :math:`k` (parameters :math:`\theta_k`) maps :math:`z` to the outputs
+:math:`y_k` of task :math:`k`, and the loss :math:`L_k` depends on the model through
+:math:`y_k` only. The Jacobian then has a dense trunk block and a block-diagonal head block,
+
+.. math::
+    J = \begin{bmatrix} \partial L / \partial \theta_s & \operatorname{diag}_k
+        (\nabla_{\theta_k} L_k) \end{bmatrix},
+    \qquad
+    G = J_s J_s^\top + \operatorname{diag}_k \lVert \nabla_{\theta_k} L_k \rVert^2,
+    \qquad
+    J_s = \begin{bmatrix} \delta_1^\top \\ \vdots \\ \delta_m^\top \end{bmatrix}
+        \frac{\partial z}{\partial \theta_s},
+
+where :math:`\delta_k = \partial L_k / \partial z`. The engine uses that structure:
+
+1. :math:`c_k = \partial L_k / \partial y_k` for every task, from one backward of the losses
+   batched over the ``m`` rows of the identity that stops at the heads' outputs (it only goes
+   through the loss functions, which are cheap);
+2. every :math:`\delta_k` and every head gradient :math:`\nabla_{\theta_k} L_k` from **one
+   ordinary backward** through the heads with cotangents :math:`c_k`: each head is handed its
+   own alias of :math:`z` (a forward pre-hook), so the heads' contributions do not mix. Going
+   through ``m`` heads with ``m`` batched rows instead would cost ``m`` times more and, for
+   small heads, is memory-bound on summing ``m`` dense ``[m, *z.shape]`` gradients;
+3. one backward through the trunk batched over the ``m`` cotangents :math:`\delta_k`, stopping
+   at the outputs of the trunk's ``nn.Linear`` layers. For such a layer with input rows
+   :math:`a_t` (every position of the batch: ``t`` runs over all its leading dimensions) and
+   output gradients :math:`\delta_{kt}`, the trunk Gramian is formed layer-wise,
+
+   .. math:: G^{(W)}_{kl} = \sum_{t,s} (a_t \cdot a_s + [\text{bias}])\,
+       (\delta_{kt} \cdot \delta_{ls}),
+
+   kernel-first (:math:`T^2 d + T^2 m p + m^2 T p` multiply-adds for ``T`` positions, input
+   size ``d`` and output size ``p``) or from the materialised per-task gradients
+   :math:`\sum_t \delta_{kt} a_t^\top` (:math:`mTpd + m^2 pd`), whichever is cheaper (the rule
+   of :class:`~jdoptim.gramian.LayerwiseGramianEngine`). The trunk's other parameters get exact
+   per-task gradients from the same batched backward.
+
+The weighted gradient is read off the same tensors, with no second backward:
+:math:`(\sum_k w_k \delta_{kt})^\top a_t` summed over positions for a trunk ``Linear``, and
+:math:`w_k \nabla_{\theta_k} L_k` for head :math:`k`. Parameters that are neither in the trunk
+nor in a head get exact per-task gradients from a batched backward of the losses.
+
+**Structure, and what is checked.** ``heads[k]`` must produce the outputs of loss ``k`` alone,
+be called once in the forward pass of the losses (checked; calls of earlier forward passes
+that the losses do not reach are ignored), and share no parameter with another head or the
+trunk (checked at construction). On CPU tensors outside ``torch.compile`` (the value checks of
+:func:`jdoptim.aggregation.set_value_checks`), a loss that depends on another task's head
+raises ``ValueError``. The losses must depend on the trunk only through the heads (a loss
+that reads :math:`z`, or a trunk activation, directly is not seen); use the
+:class:`~jdoptim.gramian.JacobianEngine` for other layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..aggregation._checks import should_check_values
+from ._base import GramianEngine, GramianResult
+from ._kernels import accumulation_dtype
+from ._layers import Dims, Factor, LinearRule, PerSample, rule_for
+from .layerwise import Strategy, prepare_factors
+
+_STRATEGIES = ("auto", "ghost", "materialize")
+
+
+class _HeadCall:
+    """One call of a head: its input (in the trunk's graph), the alias the head saw, and its
+    output."""
+
+    def __init__(self, source: Tensor, alias: Tensor) -> None:
+        self.source, self.alias = source, alias
+        self.output: Tensor | None = None
+
+
+class _TrunkCall:
+    """One call of a trunk ``nn.Linear``: its input (detached) and its output (in the graph)."""
+
+    def __init__(self, module: nn.Module, saved: Tensor, output: Tensor) -> None:
+        self.module, self.saved, self.output = module, saved, output
+
+
+class MultiTaskResult(GramianResult):
+    """The Gramian of one call of the multi-task engine, and its weighted gradients."""
+
+    def __init__(
+        self,
+        gramian: Tensor,
+        params: Sequence[Tensor],
+        factors: list[Factor],
+        head_grads: dict[int, tuple[int, Tensor]],
+        m: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.gramian = gramian
+        self.params = list(params)
+        self._factors = factors
+        self._head_grads = head_grads
+        self._m = m
+        self._dtype = dtype
+
+    def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
+        r"""Return :math:`\sum_k w_k \nabla_{\theta_p} L_k` for each parameter (``None`` where no
+        loss reaches it); ``weights`` is ``[m]``."""
+        if weights.numel() != self._m:
+            raise ValueError(
+                f"Expected {self._m} weights (one per task), got shape {tuple(weights.shape)}."
+            )
+        w = weights.detach().reshape(1, self._m).to(self._dtype)
+        sums: dict[int, Tensor] = {}
+        for factor in self._factors:
+            for i, g in factor.weighted(w).items():
+                sums[i] = g if i not in sums else sums[i] + g
+        for i, (k, g) in self._head_grads.items():
+            sums[i] = w[0, k] * g.to(self._dtype)
+        out: list[Tensor | None] = []
+        for i, p in enumerate(self.params):
+            out.append(None if i not in sums else sums[i].reshape(p.shape).to(p.dtype))
+        return out
+
+
+class MultiTaskGramianEngine(GramianEngine):
+    r"""Gramian of ``m`` task losses for a shared trunk and one head per task.
+
+    See the module docstring for the math and the structure it relies on. Construct it once on
+    the model's trunk and heads (it registers hooks); then, for each batch, run the forward
+    pass and call :meth:`compute` with the ``m`` losses, loss ``k`` being task ``k``'s (the
+    order of ``heads``). With :class:`~jdoptim.JDOptimizer`, pass it as ``engine=``.
+
+    :param trunk: the shared module(s): one module or a sequence of them.
+    :param heads: the task heads, in the order of the losses.
+    :param strategy: for the trunk's ``nn.Linear`` weights: ``"auto"`` (cheaper route),
+        ``"ghost"`` or ``"materialize"``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> trunk = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+    >>> engine = MultiTaskGramianEngine(trunk, heads)
+    >>> x, y = torch.randn(16, 4), torch.randn(16, 3)
+    >>> z = trunk(x)
+    >>> losses = torch.stack([((head(z)[:, 0] - y[:, k]) ** 2).mean()
+    ...                       for k, head in enumerate(heads)])
+    >>> params = [*trunk.parameters(), *heads.parameters()]
+    >>> result = engine.compute(losses, params, retain_graph=True)
+    >>> # Same as the Gramian of the full Jacobian:
+    >>> rows = [torch.cat([g.flatten() for g in torch.autograd.grad(l, params, retain_graph=True)])
+    ...         for l in losses]
+    >>> J = torch.stack(rows)
+    >>> torch.allclose(result.gramian, J @ J.T, atol=1e-5)
+    True
+    >>> w = torch.tensor([0.5, 0.2, 0.3])
+    >>> torch.allclose(torch.cat([g.flatten() for g in result.weighted_gradient(w)]), w @ J,
+    ...                atol=1e-6)
+    True
+    >>> engine.remove()
+    """
+
+    name = "multitask"
+    materializes_jacobian = False
+
+    def __init__(
+        self,
+        trunk: nn.Module | Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        *,
+        strategy: Strategy = "auto",
+    ) -> None:
+        trunks = [trunk] if isinstance(trunk, nn.Module) else list(trunk)
+        heads = list(heads)
+        if not trunks or not all(isinstance(t, nn.Module) for t in trunks):
+            raise ValueError("`trunk` should be a module or a non-empty sequence of modules.")
+        if not heads or not all(isinstance(h, nn.Module) for h in heads):
+            raise ValueError("`heads` should be a non-empty sequence of modules (one per task).")
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"`strategy` should be one of {_STRATEGIES}, but got {strategy!r}.")
+        self.strategy = strategy
+        self.n_tasks = len(heads)
+        self._heads = heads
+        self._head_of: dict[int, int] = {}
+        for k, head in enumerate(heads):
+            for p in head.parameters():
+                if self._head_of.get(id(p), k) != k:
+                    raise ValueError(
+                        f"Heads {self._head_of[id(p)]} and {k} share a parameter: each head must "
+                        "belong to one task (use the Jacobian engine for shared heads)."
+                    )
+                self._head_of[id(p)] = k
+        self._trunk_params: set[int] = set()
+        for t in trunks:
+            for p in t.parameters():
+                if id(p) in self._head_of:
+                    raise ValueError(
+                        f"A parameter is both in the trunk and in head {self._head_of[id(p)]}."
+                    )
+                self._trunk_params.add(id(p))
+        self._handles: list[RemovableHandle] = []
+        self._head_calls: list[list[_HeadCall]] = [[] for _ in heads]
+        self._trunk_calls: list[_TrunkCall] = []
+        for k, head in enumerate(heads):
+            self._handles.append(head.register_forward_pre_hook(self._make_pre_hook(k)))
+            self._handles.append(head.register_forward_hook(self._make_head_hook(k)))
+        seen: set[int] = set()
+        for t in trunks:
+            for module in t.modules():
+                if id(module) in seen or not isinstance(rule_for(module), LinearRule):
+                    continue
+                seen.add(id(module))
+                self._handles.append(module.register_forward_hook(self._trunk_hook))
+
+    # ------------------------------------------------------------------------------ hooks
+
+    def _make_pre_hook(self, k: int):
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            if not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor):
+                return None
+            source = args[0]
+            if not source.requires_grad:
+                return None
+            alias = source.view_as(source)
+            self._head_calls[k].append(_HeadCall(source, alias))
+            return (alias, *args[1:])
+
+        return pre_hook
+
+    def _make_head_hook(self, k: int):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            calls = self._head_calls[k]
+            if calls and calls[-1].output is None and isinstance(output, Tensor):
+                calls[-1].output = output
+
+        return hook
+
+    def _trunk_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        if not output.requires_grad or not args or not isinstance(args[0], Tensor):
+            return
+        self._trunk_calls.append(_TrunkCall(module, args[0].detach(), output))
+
+    def remove(self) -> None:
+        """Remove the hooks and drop whatever they stored."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the calls stored since the last :meth:`compute`."""
+        self._head_calls = [[] for _ in self._heads]
+        self._trunk_calls = []
+
+    # ------------------------------------------------------------------------------ compute
+
+    def compute(
+        self, losses: Tensor, params: Sequence[Tensor], *, retain_graph: bool = False
+    ) -> MultiTaskResult:
+        """The ``[m, m]`` Gramian of the ``m`` task losses with respect to ``params``, from the
+        forward pass stored since the last :meth:`compute` (whose records are dropped)."""
+        head_calls, trunk_calls = self._head_calls, self._trunk_calls
+        self.reset()
+        m = self.n_tasks
+        if losses.shape != (m,):
+            raise ValueError(
+                f"Expected one loss per head, i.e. shape ({m},), got {tuple(losses.shape)}."
+            )
+        params = list(params)
+        index = {id(p): i for i, p in enumerate(params)}
+        keep = retain_graph or torch.compiler.is_compiling()
+
+        # 1. c_k = dL_k / dy_k: a batched backward through the loss functions only. Calls that
+        # the losses do not reach (an earlier forward pass) come back as None and are dropped.
+        calls = [(k, c) for k, cs in enumerate(head_calls) for c in cs if c.output is not None]
+        if not calls:
+            raise ValueError(
+                "No head was called since the last compute: run the forward pass (with grad "
+                "enabled) that produces the losses first."
+            )
+        eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
+        per_call = torch.autograd.grad(
+            losses, [c.output for _, c in calls], grad_outputs=eye, retain_graph=True,
+            allow_unused=True, is_grads_batched=True,
+        )  # fmt: skip
+        reached: list[list[tuple[_HeadCall, Tensor]]] = [[] for _ in range(m)]
+        for (k, c), g in zip(calls, per_call, strict=True):
+            if g is not None:
+                reached[k].append((c, g))
+        for k, rs in enumerate(reached):
+            if len(rs) > 1:
+                raise ValueError(
+                    f"Head {k} is called {len(rs)} times in the forward pass of the losses; each "
+                    "head should be called once (use the Jacobian engine otherwise)."
+                )
+        heads = [rs[0][0] if rs else None for rs in reached]
+        per_row = [rs[0][1] if rs else None for rs in reached]
+        if should_check_values(losses):
+            self._check_one_loss_per_head(per_row)
+
+        # 2. One ordinary backward through the heads: every delta_k and head gradient.
+        used = [k for k in range(m) if heads[k] is not None]
+        head_params = [p for p in params if id(p) in self._head_of]
+        outputs = [heads[k].output for k in used]  # type: ignore[union-attr]
+        cotangents = [per_row[k][k] for k in used]  # type: ignore[index]
+        inputs = [heads[k].alias for k in used] + head_params  # type: ignore[union-attr]
+        if not used:
+            raise ValueError(
+                "No loss depends on a head's output: the losses should come from the heads' "
+                "outputs of the last forward pass."
+            )
+        grads = torch.autograd.grad(
+            outputs, inputs, grad_outputs=cotangents, retain_graph=True, allow_unused=True
+        )
+        deltas: list[Tensor | None] = [None] * m
+        for k, g in zip(used, grads[: len(used)], strict=True):
+            deltas[k] = g
+        grads = grads[len(used) :]
+        head_grads: dict[int, tuple[int, Tensor]] = {}
+        for p, g in zip(head_params, grads, strict=True):
+            if g is not None:
+                head_grads[index[id(p)]] = (self._head_of[id(p)], g)
+
+        # Parameters outside the trunk and the heads: exact per-task gradients.
+        dtype = accumulation_dtype(losses.dtype, *(d.dtype for d in deltas if d is not None))
+        pool = PerSample({})
+        known = self._head_of.keys() | self._trunk_params
+        others = [p for p in params if id(p) not in known]
+        if others:
+            jac = torch.autograd.grad(
+                losses, others, grad_outputs=eye, retain_graph=True, allow_unused=True,
+                is_grads_batched=True,
+            )  # fmt: skip
+            for p, J in zip(others, jac, strict=True):
+                if J is not None:
+                    pool.add({index[id(p)]: J.reshape(1, m, -1).to(dtype)})
+
+        # 3. One backward through the trunk, batched over the m cotangents delta_k.
+        factors = self._trunk_factors(heads, deltas, trunk_calls, params, index, pool, dtype, keep)
+        prepared = prepare_factors(factors, pool, self.strategy)
+        dims = Dims(B=1, K=m, batch_dim=0)
+        gramian = torch.zeros(m, m, dtype=dtype, device=losses.device)
+        for f in prepared:
+            g = f.gram(dims)
+            if g is not None:
+                gramian = gramian + g.reshape(m, m)
+        if head_grads:
+            sq = torch.zeros(m, dtype=dtype, device=losses.device)
+            for k, g in head_grads.values():
+                sq = sq + eye[k].to(dtype) * g.to(dtype).pow(2).sum()
+            gramian = gramian + torch.diag(sq)
+        return MultiTaskResult(gramian.detach(), params, prepared, head_grads, m, dtype)
+
+    def _trunk_factors(
+        self,
+        heads: list[_HeadCall | None],
+        deltas: list[Tensor | None],
+        trunk_calls: list[_TrunkCall],
+        params: list[Tensor],
+        index: dict[int, int],
+        pool: PerSample,
+        dtype: torch.dtype,
+        keep: bool,
+    ) -> list[Factor]:
+        m = len(heads)
+        trunk_params = [p for p in params if id(p) in self._trunk_params]
+        if not trunk_params:
+            return []
+        # Trunk Linear weights with a recorded call are covered layer-wise (calls made without
+        # grad do not reach the losses).
+        covered: set[int] = set()
+        calls: list[tuple[_TrunkCall, dict[str, int]]] = []
+        for call in trunk_calls:
+            pidx = {
+                name: index[id(p)]
+                for name, p in call.module.named_parameters(recurse=False)
+                if id(p) in index
+            }
+            if pidx:
+                calls.append((call, pidx))
+                covered.update(pidx.values())
+        fallback = [p for p in trunk_params if index[id(p)] not in covered]
+
+        # The heads' inputs (usually one tensor z) and their batched cotangents.
+        roots: list[Tensor] = []
+        members: list[list[int]] = []
+        for k, h in enumerate(heads):
+            if h is None or deltas[k] is None:
+                continue
+            for j, r in enumerate(roots):
+                if r is h.source:
+                    members[j].append(k)
+                    break
+            else:
+                roots.append(h.source)
+                members.append([k])
+        root_cotangents = []
+        for r, ks in zip(roots, members, strict=True):
+            rows = [deltas[k] if k in ks else torch.zeros_like(r) for k in range(m)]
+            rows = [torch.zeros_like(r) if d is None else d for d in rows]
+            root_cotangents.append(torch.stack(rows))
+        targets = [c.output for c, _ in calls] + fallback
+        if not roots or not targets:
+            return []
+        grads = torch.autograd.grad(
+            roots, targets, grad_outputs=root_cotangents, retain_graph=keep, allow_unused=True,
+            is_grads_batched=True,
+        )  # fmt: skip
+        dims = Dims(B=1, K=m, batch_dim=0)
+        rule = LinearRule()
+        factors: list[Factor] = []
+        for (call, pidx), D in zip(calls, grads[: len(calls)], strict=True):
+            if D is not None:
+                factors += rule.factors(
+                    call.module, pidx, call.saved.unsqueeze(0), D.unsqueeze(0).to(dtype), dims,
+                    lambda i: i in covered,
+                )  # fmt: skip
+        for p, J in zip(fallback, grads[len(calls) :], strict=True):
+            if J is not None:
+                pool.add({index[id(p)]: J.reshape(1, m, -1).to(dtype)})
+        return factors
+
+    @staticmethod
+    def _check_one_loss_per_head(per_row: Sequence[Tensor | None]) -> None:
+        for k, g in enumerate(per_row):
+            if g is None:
+                continue
+            others = torch.cat([g[:k], g[k + 1 :]])
+            if bool(others.ne(0).any()):
+                row = int(others.ne(0).flatten(1).any(1).nonzero()[0])
+                loss = row if row < k else row + 1
+                raise ValueError(
+                    f"Loss {loss} depends on the output of head {k}: each head must feed its "
+                    "own loss only (use the Jacobian engine for other layouts)."
+                )
+
+    def __repr__(self) -> str:
+        return f"MultiTaskGramianEngine(n_tasks={self.n_tasks}, strategy={self.strategy!r})"
+
+
+__all__ = ["MultiTaskGramianEngine", "MultiTaskResult"]
