@@ -6,6 +6,9 @@ gradients of an ordinary step are already counted), records the peak resident se
 takes 3 steps of the variant and reports how much the peak grew (MiB): the memory a JD step
 needs on top of an ordinary training step. CPU, 1 thread; peak RSS (``ru_maxrss``) has ~1 MiB
 resolution and includes freed-but-cached allocator blocks, so small differences are noise.
+The jdoptim column runs the solvers op by op (``set_eager_compilation(False)``): compiling them
+on the first call costs about 100 MiB once per process (the compiler itself), which is not a
+per-step cost.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def _child(name: str, size: int, variant: str) -> None:
     w = W.make(name, size)
     W.plain_step(w)()
     if variant == "jdoptim":
+        # The memory of the step itself: the solvers' loops run op by op, so that the one-time
+        # cost of compiling them (Inductor and its code cache, about 100 MiB of resident memory
+        # once per process, whatever the workload) is not counted as a per-step cost.
+        from jdoptim.solvers import set_eager_compilation
+
+        set_eager_compilation(False)
         step, _ = jd_step(w, compiled=False)
     elif variant == "plain":
         step = W.plain_step(w)

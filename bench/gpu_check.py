@@ -10,8 +10,9 @@ the next section still runs):
    the kernels under ``torch.compile(fullgraph=True)`` (``triton_op`` path): 0 graph breaks,
    compiled == eager, no recompilation on new values;
 3. compiled JD steps with the kernels enabled: ``JDOptimizer(SGD, UPGradWeighting())`` on a small
-   MLP (Jacobian engine, 4 task losses) and the layer-wise engine on an IWRM MLP (one loss per
-   sample), whole step under ``torch.compile``; compiled == eager (kernels off) for a few steps;
+   MLP (Jacobian engine, 4 task losses), the layer-wise engine on an IWRM MLP (one loss per
+   sample) and the multi-task engine on a trunk with 32 linear heads, whole step under
+   ``torch.compile``; compiled == eager (kernels off) for a few steps;
    then steps under ``torch.cuda.set_sync_debug_mode("error")`` (no host sync); time per step
    against a plain step (eager and compiled);
 4. a summary table.
@@ -175,6 +176,10 @@ def check_linear_gram(device: torch.device, dry: bool) -> None:
 def check_compiled_ops(device: torch.device, dry: bool) -> None:
     from jdoptim.kernels import gram_accumulate, linear_gram
 
+    if device.type != "cuda":  # a triton_op compiles on CUDA only (not in the interpreter)
+        record("2-compile-ops", "triton_op under torch.compile", "skipped: needs CUDA", None)
+        return
+
     def fn(acc: Tensor, block: Tensor, A: Tensor, D: Tensor) -> tuple[Tensor, Tensor]:
         return gram_accumulate(acc, block), linear_gram(A, D, True)
 
@@ -227,21 +232,46 @@ def _mlp(d_in: int, hidden: int, d_out: int, device: torch.device, seed: int = 0
     ).to(device)  # fmt: skip
 
 
-def _jd_case(name: str, device: torch.device, dry: bool, layerwise: bool) -> None:
+class _MTL(nn.Module):
+    """Shared trunk + one linear head per task (the multi-task engine's layout)."""
+
+    def __init__(self, d_in: int, hidden: int, n_tasks: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
+        self.heads = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(n_tasks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.trunk(x)
+        return torch.cat([head(z) for head in self.heads], dim=1)
+
+
+def _jd_case(name: str, device: torch.device, dry: bool, engine: str) -> None:
     from jdoptim import JDOptimizer, kernels
     from jdoptim.aggregation import UPGradWeighting
+    from jdoptim.gramian import MultiTaskGramianEngine
 
     B = 16 if dry else 128
     d_in, hidden, d_out = (8, 16, 4) if dry else (64, 256, 4)
+    if engine == "multitask" and not dry:
+        d_out = 32  # tasks
 
     def task_losses(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        if layerwise:  # IWRM: one loss per sample
+        if engine == "layerwise":  # IWRM: one loss per sample
             return ((model(x) - y) ** 2).sum(1)
         return ((model(x) - y) ** 2).mean(0)  # one loss per output (task)
 
     def make(seed: int = 0) -> tuple[nn.Module, JDOptimizer]:
-        model = _mlp(d_in, hidden, d_out, device, seed)
-        extra = {"engine": "layerwise", "model": model, "batch_dim": 0} if layerwise else {}
+        extra: dict = {}
+        if engine == "multitask":
+            torch.manual_seed(seed)
+            model: nn.Module = _MTL(d_in, hidden, d_out).to(device)
+            extra["engine"] = MultiTaskGramianEngine(model.trunk, model.heads)
+        else:
+            model = _mlp(d_in, hidden, d_out, device, seed)
+        if engine == "layerwise":
+            extra = {"engine": "layerwise", "model": model, "batch_dim": 0}
         opt = JDOptimizer(
             torch.optim.SGD(model.parameters(), lr=1e-2),
             UPGradWeighting(),
@@ -312,7 +342,7 @@ def _jd_case(name: str, device: torch.device, dry: bool, layerwise: bool) -> Non
             record(name, "sync_debug_mode('error')", verdict, ok)
 
         # Timings: plain step (mean loss, backward, SGD) eager and compiled, JD eager and compiled.
-        model_p = _mlp(d_in, hidden, d_out, device)
+        model_p = make()[0]
         opt_p = torch.optim.SGD(model_p.parameters(), lr=1e-2)
         x, y = batches[0]
 
@@ -343,12 +373,17 @@ def _jd_case(name: str, device: torch.device, dry: bool, layerwise: bool) -> Non
 
 @section("3-jd-jacobian")
 def check_jd_jacobian(device: torch.device, dry: bool) -> None:
-    _jd_case("3-jd-jacobian", device, dry, layerwise=False)
+    _jd_case("3-jd-jacobian", device, dry, engine="jacobian")
 
 
 @section("3-jd-layerwise")
 def check_jd_layerwise(device: torch.device, dry: bool) -> None:
-    _jd_case("3-jd-layerwise", device, dry, layerwise=True)
+    _jd_case("3-jd-layerwise", device, dry, engine="layerwise")
+
+
+@section("3-jd-multitask")
+def check_jd_multitask(device: torch.device, dry: bool) -> None:
+    _jd_case("3-jd-multitask", device, dry, engine="multitask")
 
 
 def print_table() -> None:
@@ -388,7 +423,7 @@ def main() -> int:
     print(f"float32 matmul precision: {torch.get_float32_matmul_precision()}", flush=True)
     for check in (check_gram, check_linear_gram, check_compiled_ops):
         check(device, args.dry_run)
-    for check in (check_jd_jacobian, check_jd_layerwise):
+    for check in (check_jd_jacobian, check_jd_layerwise, check_jd_multitask):
         check(device, args.dry_run)
     print_table()
     return 1 if any(r[3] == "FAIL" for r in ROWS) else 0

@@ -151,16 +151,18 @@ class LinearFactor:
         return out
 
     def gram(self, dims: Dims) -> Tensor:
-        kernel = linear_gram_kernel(self.A.device.type)
-        if kernel is not None:  # e.g. the fused Triton kernel of jdoptim.kernels on CUDA
-            return kernel(self.A, self.D, self.bias is not None)
         G, B, T, d = self.A.shape
         K, p = dims.K, self.D.shape[-1]
+        kernel_first = _kernel_first(B, K, T, p) < _pairwise(B, K, T, p)
+        kernel = linear_gram_kernel(self.A.device.type)
+        if kernel is not None and not kernel_first:
+            # The fused Triton kernel of jdoptim.kernels (CUDA) forms the pairwise order.
+            return kernel(self.A, self.D, self.bias is not None)
         Af = self.A.reshape(G, B * T, d)
         AA = Af @ Af.mT
         if self.bias is not None:
             AA = AA + 1
-        if _kernel_first(B, K, T, p) < _pairwise(B, K, T, p):
+        if kernel_first:
             # KD[g, c, (b, t), (q, l)] = sum_s AA[g, (b, t), (c, s)] D[g, c, l, s, q]; laid out
             # so that the last product needs no copy when B = 1 (multi-task losses).
             AAc = AA.reshape(G, B * T, B, T).permute(0, 2, 1, 3)
