@@ -137,6 +137,10 @@ class MultiTaskGramianEngine(GramianEngine):
     :param heads: the task heads, in the order of the losses.
     :param strategy: for the trunk's ``nn.Linear`` weights: ``"auto"`` (cheaper route),
         ``"ghost"`` or ``"materialize"``.
+    :param chunk_size: tasks per backward pass through the trunk. ``None`` (default) runs all
+        ``m`` in one batched pass; ``c`` bounds the memory of that pass to ``c`` copies of the
+        trunk's intermediate gradients, at the cost of ``ceil(m / c)`` passes (``1``: plain
+        backward passes, no ``vmap``). The Gramian and the update do not change.
 
     >>> import torch
     >>> from torch import nn
@@ -172,6 +176,7 @@ class MultiTaskGramianEngine(GramianEngine):
         heads: Sequence[nn.Module],
         *,
         strategy: Strategy = "auto",
+        chunk_size: int | None = None,
     ) -> None:
         trunks = [trunk] if isinstance(trunk, nn.Module) else list(trunk)
         heads = list(heads)
@@ -181,7 +186,12 @@ class MultiTaskGramianEngine(GramianEngine):
             raise ValueError("`heads` should be a non-empty sequence of modules (one per task).")
         if strategy not in _STRATEGIES:
             raise ValueError(f"`strategy` should be one of {_STRATEGIES}, but got {strategy!r}.")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"`chunk_size` should be None or an int >= 1, but got {chunk_size!r}.")
         self.strategy = strategy
+        self.chunk_size = chunk_size
         self.n_tasks = len(heads)
         self._heads = heads
         self._head_of: dict[int, int] = {}
@@ -407,10 +417,7 @@ class MultiTaskGramianEngine(GramianEngine):
         targets = [c.output for c, _ in calls] + fallback
         if not roots or not targets:
             return []
-        grads = torch.autograd.grad(
-            roots, targets, grad_outputs=root_cotangents, retain_graph=keep, allow_unused=True,
-            is_grads_batched=True,
-        )  # fmt: skip
+        grads = self._batched_backward(roots, targets, root_cotangents, m, keep)
         dims = Dims(B=1, K=m, batch_dim=0)
         rule = LinearRule()
         factors: list[Factor] = []
@@ -424,6 +431,41 @@ class MultiTaskGramianEngine(GramianEngine):
             if J is not None:
                 pool.add({index[id(p)]: J.reshape(1, m, -1).to(dtype)})
         return factors
+
+    def _batched_backward(
+        self,
+        roots: list[Tensor],
+        targets: list[Tensor],
+        cotangents: list[Tensor],
+        m: int,
+        keep: bool,
+    ) -> list[Tensor | None]:
+        """Gradients of ``targets`` for the ``m`` rows of ``cotangents`` at ``roots``, as
+        ``[m, *target.shape]``: one batched backward, or ``ceil(m / chunk_size)`` of them."""
+        chunk = m if self.chunk_size is None else min(self.chunk_size, m)
+        starts = range(0, m, chunk)
+        pieces: list[tuple[Tensor | None, ...]] = []
+        for n, start in enumerate(starts):
+            rows = [c[start : start + chunk] for c in cotangents]
+            last = n == len(starts) - 1
+            if chunk == 1:
+                out = torch.autograd.grad(
+                    roots, targets, grad_outputs=[r[0] for r in rows],
+                    retain_graph=keep or not last, allow_unused=True,
+                )  # fmt: skip
+                out = tuple(None if g is None else g.unsqueeze(0) for g in out)
+            else:
+                out = torch.autograd.grad(
+                    roots, targets, grad_outputs=rows, retain_graph=keep or not last,
+                    allow_unused=True, is_grads_batched=True,
+                )  # fmt: skip
+            pieces.append(out)
+        if len(pieces) == 1:
+            return list(pieces[0])
+        # Which targets the roots reach does not depend on the rows: None in every piece or none.
+        return [
+            None if piece[0] is None else torch.cat(piece) for piece in zip(*pieces, strict=True)
+        ]
 
     @staticmethod
     def _check_one_loss_per_head(per_row: Sequence[Tensor | None]) -> None:
@@ -440,7 +482,10 @@ class MultiTaskGramianEngine(GramianEngine):
                 )
 
     def __repr__(self) -> str:
-        return f"MultiTaskGramianEngine(n_tasks={self.n_tasks}, strategy={self.strategy!r})"
+        return (
+            f"MultiTaskGramianEngine(n_tasks={self.n_tasks}, strategy={self.strategy!r}, "
+            f"chunk_size={self.chunk_size})"
+        )
 
 
 __all__ = ["MultiTaskGramianEngine", "MultiTaskResult"]

@@ -87,6 +87,18 @@ def test_exact_against_the_jacobian(strategy: str, deep: bool, shape: tuple) -> 
     engine.remove()
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5])
+def test_chunked_trunk_backward_is_exact(chunk_size: int) -> None:
+    torch.manual_seed(6)
+    model = MTL(5).double()
+    engine = MultiTaskGramianEngine(model.trunk, model.heads, chunk_size=chunk_size)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    assert_exact(model, engine, task_losses(model(x), y), list(model.parameters()))
+    assert repr(engine) == (
+        f"MultiTaskGramianEngine(n_tasks=5, strategy='auto', chunk_size={chunk_size})"
+    )
+
+
 def test_partial_params_and_parameters_outside_trunk_and_heads() -> None:
     """A learnable per-task scale (in no module of the engine) is exact through the fallback; a
     subset of the parameters gets only its own blocks."""
@@ -158,6 +170,9 @@ def test_structure_errors() -> None:
         MultiTaskGramianEngine(model.trunk, model.heads, strategy="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="heads"):
         MultiTaskGramianEngine(model.trunk, [])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            MultiTaskGramianEngine(model.trunk, model.heads, chunk_size=bad)  # type: ignore
 
     engine = MultiTaskGramianEngine(model.trunk, model.heads)
     params = list(model.parameters())
