@@ -162,6 +162,11 @@ class LinearFactor:
         AA = Af @ Af.mT
         if self.bias is not None:
             AA = AA + 1
+        if kernel_first and B == 1:  # multi-task losses over a whole batch: no copy of D
+            D1 = self.D[:, 0]  # [G, K, T, p]
+            KD = torch.matmul(AA.unsqueeze(1), D1)  # [G, K, T, p]
+            out = D1.reshape(G, K, T * p) @ KD.reshape(G, K, T * p).mT
+            return out.sum(0).reshape(1, K, 1, K)
         if kernel_first:
             # KD[g, c, (b, t), (q, l)] = sum_s AA[g, (b, t), (c, s)] D[g, c, l, s, q]; laid out
             # so that the last product needs no copy when B = 1 (multi-task losses).
