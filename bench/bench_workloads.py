@@ -60,9 +60,9 @@ def jd_step(w: W.Workload, compiled: bool, warm_start: bool = False, engine: str
     return (torch.compile(step) if compiled else step), opt
 
 
-def phases(w: W.Workload, repeats: int) -> dict[str, float]:
+def phases(w: W.Workload, repeats: int, engine: str = "auto") -> dict[str, float]:
     """Median ms of each phase of an eager jdoptim step."""
-    _, opt = jd_step(w, compiled=False)
+    _, opt = jd_step(w, compiled=False, engine=engine)
     params = [p for p in w.model.parameters() if p.requires_grad]
     weighting = UPGradWeighting()
     out: dict[str, list[float]] = {"forward": [], "gramian": [], "weighting": [], "grad+step": []}
@@ -93,6 +93,11 @@ def main() -> None:
     parser.add_argument("--no-torchjd", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--phases", action="store_true")
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        help='"auto" (layer-wise / multi-task engine) or "jacobian" (batched-vjp Jacobian engine)',
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} steps (ms)")
@@ -107,14 +112,16 @@ def main() -> None:
             continue
         plain_w = W.make(name, size)
         plain = W.median_ms(W.plain_step(plain_w), repeats=args.repeats)
-        eager_step, _ = jd_step(W.make(name, size), compiled=False)
+        eager_step, _ = jd_step(W.make(name, size), compiled=False, engine=args.engine)
         eager = W.median_ms(eager_step, repeats=args.repeats)
         compiled = warm = float("nan")
         if not args.no_compile:
-            compiled_step, _ = jd_step(W.make(name, size), compiled=True)
+            compiled_step, _ = jd_step(W.make(name, size), compiled=True, engine=args.engine)
             compiled = W.median_ms(compiled_step, warmup=3, repeats=args.repeats)
             torch._dynamo.reset()
-            warm_step, _ = jd_step(W.make(name, size), compiled=True, warm_start=True)
+            warm_step, _ = jd_step(
+                W.make(name, size), compiled=True, warm_start=True, engine=args.engine
+            )
             warm = W.median_ms(warm_step, warmup=3, repeats=args.repeats)
         best, best_name = float("nan"), "-"
         if not args.no_torchjd:
@@ -130,7 +137,7 @@ def main() -> None:
             f"{best:>10.2f} ({best / plain:>5.1f}x, {best_name})"
         )
         if args.phases:
-            ph = phases(W.make(name, size), args.repeats)
+            ph = phases(W.make(name, size), args.repeats, args.engine)
             print("    eager phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
         sys.stdout.flush()
 
