@@ -69,7 +69,10 @@ class JDOptimizer(torch.optim.Optimizer):
         or a :class:`~jdoptim.gramian.GramianEngine`. ``"auto"`` takes the layer-wise engine
         (per-sample Gramians from layer inputs and output gradients, no per-sample gradients,
         no second backward) when ``model`` and ``batch_dim`` are given and the aggregator needs
-        no Jacobian, and the batched-vjp Jacobian engine otherwise.
+        no Jacobian, and the batched-vjp Jacobian engine otherwise. For a multi-task model
+        (shared trunk, one head per task) pass
+        ``MultiTaskGramianEngine(model.trunk, model.heads)``
+        (:class:`~jdoptim.gramian.MultiTaskGramianEngine`): same update, far cheaper.
     :param model: the module whose layers the layer-wise engine hooks (per-sample losses).
     :param batch_dim: the batch dimension of per-sample losses (``losses`` of shape ``[B]`` or
         ``[B, K]`` with ``batch_dim=0``): declares that loss ``b`` depends on sample ``b`` only.
