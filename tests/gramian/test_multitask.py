@@ -271,3 +271,43 @@ def test_compile_fullgraph_matches_eager() -> None:
             torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled(torch.randn(6, 5), torch.randn(6, 3))
+
+
+def test_whole_compiled_train_step_follows_eager_without_recompilation() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+    models = [MTL(4), MTL(4)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [
+        JDOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+            UPGradWeighting(),
+            engine=MultiTaskGramianEngine(m.trunk, m.heads),
+            nonfinite="propagate",
+        )
+        for m in models
+    ]
+
+    def make_step(model: nn.Module, opt: JDOptimizer):
+        def step(x: Tensor, y: Tensor) -> Tensor:
+            opt.zero_grad()
+            return opt.step(task_losses(model(x), y))
+
+        return step
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(make_step(models[0], opts[0]), backend=counter)
+    eager = make_step(models[1], opts[1])
+    frames = None
+    for k in range(10):
+        gen = torch.Generator().manual_seed(k)
+        x, y = torch.randn(12, 5, generator=gen), torch.randn(12, 4, generator=gen)
+        torch.testing.assert_close(compiled(x, y), eager(x, y), rtol=1e-5, atol=1e-5)
+        if k == 1:  # SGD creates its momentum buffers on the first step: one recompile there
+            frames = counter.frame_count
+    assert counter.frame_count == frames  # no recompilation in the steady state
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
