@@ -10,23 +10,9 @@ from torch import Tensor, nn
 
 from jdoptim.gramian.layerwise import LayerwiseGramianEngine
 
+from ._exact import assert_matches_jacobian
+
 STRATEGIES = ["auto", "ghost", "materialize"]
-
-
-def brute_force(losses: Tensor, params: list[Tensor]) -> Tensor:
-    """Jacobian ``[M, n]`` of ``losses.flatten()``, one autograd call per loss."""
-    rows = []
-    for loss in losses.flatten():
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [
-                    (torch.zeros_like(p) if g is None else g).flatten()
-                    for g, p in zip(grads, params, strict=True)
-                ]
-            )
-        )
-    return torch.stack(rows)
 
 
 def assert_exact(model: nn.Module, inputs: tuple, loss_fn, strategy: str, **engine_kw) -> dict:
@@ -35,22 +21,7 @@ def assert_exact(model: nn.Module, inputs: tuple, loss_fn, strategy: str, **engi
     engine = LayerwiseGramianEngine(model, strategy=strategy, **engine_kw)
     params = [p for p in model.parameters() if p.requires_grad]
     losses = loss_fn(model(*inputs))
-    result = engine.compute(losses, params, retain_graph=True)
-    J = brute_force(losses, params)
-    G = J @ J.T
-    assert result.gramian.shape == G.shape
-    scale = G.abs().max()
-    assert scale > 0
-    torch.testing.assert_close(result.gramian, G, rtol=0, atol=1e-10 * scale)
-    w = torch.randn(losses.numel(), dtype=torch.float64)
-    grads = result.weighted_gradient(w)
-    flat = torch.cat(
-        [
-            (torch.zeros_like(p) if g is None else g).flatten()
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
-    torch.testing.assert_close(flat, w @ J, rtol=0, atol=1e-10 * (w @ J).abs().max())
+    assert_matches_jacobian(engine.compute(losses, params, retain_graph=True), losses, params)
     report = engine.report()
     engine.remove()
     return report

@@ -13,7 +13,7 @@ from jdoptim.aggregation import UPGradWeighting
 from jdoptim.gramian import JacobianEngine, MultiTaskGramianEngine
 from jdoptim.gramian._layers import Dims, LinearFactor
 
-from .test_layerwise import brute_force
+from ._exact import assert_matches_jacobian
 
 STRATEGIES = ["auto", "ghost", "materialize"]
 
@@ -49,28 +49,9 @@ def task_losses(outputs: list[Tensor], y: Tensor) -> Tensor:
     return torch.stack(losses)
 
 
-def assert_exact(
-    model: nn.Module,
-    engine: MultiTaskGramianEngine,
-    losses: Tensor,
-    params: list[Tensor],
-) -> None:
+def assert_exact(engine: MultiTaskGramianEngine, losses: Tensor, params: list[Tensor]) -> None:
     """Gramian and weighted gradient == the brute-force Jacobian's, to 1e-10 (float64)."""
-    result = engine.compute(losses, params, retain_graph=True)
-    J = brute_force(losses, params)
-    G = J @ J.T
-    scale = G.abs().max()
-    assert scale > 0
-    torch.testing.assert_close(result.gramian, G, rtol=0, atol=1e-10 * scale)
-    w = torch.randn(losses.numel(), dtype=torch.float64)
-    grads = result.weighted_gradient(w)
-    flat = torch.cat(
-        [
-            (torch.zeros_like(p) if g is None else g).flatten()
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
-    torch.testing.assert_close(flat, w @ J, rtol=0, atol=1e-10 * (w @ J).abs().max())
+    assert_matches_jacobian(engine.compute(losses, params, retain_graph=True), losses, params)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -83,7 +64,7 @@ def test_exact_against_the_jacobian(strategy: str, deep: bool, shape: tuple) -> 
     x = torch.randn(*shape, dtype=torch.float64)
     y = torch.randn(*shape[:-1], 3, dtype=torch.float64)
     losses = task_losses(model(x), y)
-    assert_exact(model, engine, losses, list(model.parameters()))
+    assert_exact(engine, losses, list(model.parameters()))
     engine.remove()
 
 
@@ -93,7 +74,7 @@ def test_chunked_trunk_backward_is_exact(chunk_size: int) -> None:
     model = MTL(5).double()
     engine = MultiTaskGramianEngine(model.trunk, model.heads, chunk_size=chunk_size)
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
-    assert_exact(model, engine, task_losses(model(x), y), list(model.parameters()))
+    assert_exact(engine, task_losses(model(x), y), list(model.parameters()))
     assert repr(engine) == (
         f"MultiTaskGramianEngine(n_tasks=5, strategy='auto', chunk_size={chunk_size})"
     )
@@ -109,7 +90,7 @@ def test_partial_params_and_parameters_outside_trunk_and_heads() -> None:
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     losses = task_losses(model(x), y) * scale
     params = [scale, *model.trunk[3].parameters(), *model.heads[2].parameters()]
-    assert_exact(model, engine, losses, params)
+    assert_exact(engine, losses, params)
 
 
 def test_trunk_called_twice_and_heads_on_different_features() -> None:
@@ -124,7 +105,7 @@ def test_trunk_called_twice_and_heads_on_different_features() -> None:
     z2 = torch.tanh(shared(z1))
     outs = [heads[0](z1), heads[1](z2), heads[2](z2)]
     losses = torch.stack([(o**2).mean() for o in outs])
-    assert_exact(shared, engine, losses, [*shared.parameters(), *heads.parameters()])
+    assert_exact(engine, losses, [*shared.parameters(), *heads.parameters()])
 
 
 def test_earlier_forward_passes_are_ignored() -> None:
@@ -136,7 +117,7 @@ def test_earlier_forward_passes_are_ignored() -> None:
     x, y = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
     task_losses(model(x * 2), y).sum().backward()  # an earlier, unrelated forward + backward
     model(x + 1)  # and a forward with no backward at all
-    assert_exact(model, engine, task_losses(model(x), y), list(model.parameters()))
+    assert_exact(engine, task_losses(model(x), y), list(model.parameters()))
 
 
 def test_matches_jacobian_engine_in_jdoptimizer() -> None:
