@@ -22,7 +22,9 @@ Two solvers:
   advance together; each iteration is a single ``[k, m] @ [m, m]`` product plus element-wise
   work, and every data-dependent choice is a ``torch.where``. The loop is
   :func:`~jdoptim.solvers._loop.fixed_loop`: no host synchronisation, one ``while_loop`` under
-  ``torch.compile``. It runs in float64.
+  ``torch.compile``. It runs in float64; on the CPU, for ``m >= 32``, a float32 first phase
+  (half the cost per product) hands a warm start to the float64 iterations, which then need
+  far fewer steps (1.3-1.9x faster overall on the test bank and on W2, same accuracy).
 * ``"quadprog"``: the exact reference (Goldfarb-Idnani dual active set through ``qpsolvers``), one
   QP per row on the CPU in numpy. It synchronises and cannot be compiled.
 """
@@ -96,6 +98,13 @@ def mprgp_solve(
     along the chopped gradient (releasing bounds whose multiplier is negative), or, right after an
     expansion, a gradient refresh. Only one matrix product is spent per iteration for all rows.
 
+    With the default budget (``n_iters=None``) on the CPU, a float64 problem of size
+    ``m >= FLOAT32_FIRST_MIN_M`` is first solved in float32 (stopping at a projected gradient
+    of ``1e-6`` of the bounds) and the result warm-starts the float64 iterations, which stop at
+    ``1e-10``: the solution is the float64 one, reached with fewer float64 products. On an
+    accelerator every iteration of the budget runs (no early exit), so there a float32 phase
+    would only add work and is skipped. An explicit ``n_iters`` runs float64 only.
+
     >>> import torch
     >>> G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
     >>> mprgp_solve(G, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
@@ -103,13 +112,42 @@ def mprgp_solve(
     """
     if n_iters is None:
         n_iters = default_iterations(gramian.shape[-1])
-    return _mprgp(gramian, lower, n_iters, init)
+        if _float32_first(gramian):
+            start = None if init is None else init.to(torch.float32)
+            init = _mprgp(gramian.float(), lower.float(), n_iters, start, _TOL_FLOAT32)
+    return _mprgp(gramian, lower, n_iters, init, _TOL_FLOAT64)
+
+
+_TOL_FLOAT64 = 1e-10
+"""Early exit of the float64 iterations: projected gradient below this times ``max|u|``."""
+
+_TOL_FLOAT32 = 1e-6
+"""Early exit of the float32 first phase (about ten float32 ulps of the bounds' scale)."""
+
+FLOAT32_FIRST_MIN_M = 32
+"""Smallest ``m`` for which :func:`mprgp_solve` (default budget, float64, CPU) runs a float32
+first phase."""
+
+
+def _float32_first(gramian: Tensor) -> bool:
+    """Whether to start with float32 iterations: on the CPU, where both phases stop early (an
+    accelerator runs every iteration of a fixed budget, so a second phase would only add
+    work), for float64 problems large enough that the cheaper products outweigh a second
+    kernel call."""
+    return (
+        gramian.device.type == "cpu"
+        and gramian.dtype == torch.float64
+        and gramian.shape[-1] >= FLOAT32_FIRST_MIN_M
+    )
 
 
 @eager_compiled
-def _mprgp(gramian: Tensor, lower: Tensor, n_iters: int, init: Tensor | None) -> Tensor:
-    """The MPRGP iterations of :func:`mprgp_solve` (``n_iters`` given). Eager calls run a
-    compiled kernel (:mod:`jdoptim.solvers._eager_compile`)."""
+def _mprgp(
+    gramian: Tensor, lower: Tensor, n_iters: int, init: Tensor | None, rel_tol: float
+) -> Tensor:
+    """The MPRGP iterations of :func:`mprgp_solve` (``n_iters`` given; on the CPU they stop once
+    the projected gradient is below ``rel_tol * max|u|``). Eager calls run a compiled kernel
+    (:mod:`jdoptim.solvers._eager_compile`)."""
     # Step of the projected-gradient (expansion) steps: 1.9 / an upper bound of lambda_max.
     bound = torch.minimum(gramian.abs().sum(-1).amax(), gramian.diagonal().sum())
     abar = 1.9 / torch.where(bound > 0, bound, torch.ones_like(bound))
@@ -127,8 +165,9 @@ def _mprgp(gramian: Tensor, lower: Tensor, n_iters: int, init: Tensor | None) ->
     stale = torch.zeros_like(x[..., :1])
     # Early exit (CPU only, see bounded_loop): the projected gradient of every row is below
     # `tol`. With the ridge, |v - v*| <= |projected gradient| / reg_eps, so 1e-10 of the bounds'
-    # scale keeps the weights far inside the 1e-5 accuracy contract (checked on the test bank).
-    tol = 1e-10 * lower.abs().amax()
+    # scale (float64) keeps the weights far inside the 1e-5 accuracy contract (checked on the
+    # test bank).
+    tol = rel_tol * lower.abs().amax()
     done = torch.zeros((), dtype=torch.bool, device=x.device)
 
     # Element-wise work uses float masks (torch.sign of the non-negative gap x - u) and
