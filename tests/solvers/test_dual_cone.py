@@ -198,3 +198,34 @@ def test_compilation_failure_falls_back_to_eager_with_one_warning(monkeypatch) -
         )
     finally:
         set_eager_compilation(True)
+
+
+def test_float32_first_phase_on_cpu_gives_the_float64_solution(monkeypatch) -> None:
+    """For m >= FLOAT32_FIRST_MIN_M with the default budget on the CPU, a float32 phase
+    warm-starts the float64 iterations; an explicit budget or a small m runs float64 only. The
+    solution is the float64 one (same KKT tolerance)."""
+    dtypes: list[torch.dtype] = []
+    original = dual_cone._mprgp
+
+    def spy(gramian, lower, n_iters, init, rel_tol):
+        dtypes.append(gramian.dtype)
+        return original(gramian, lower, n_iters, init, rel_tol)
+
+    monkeypatch.setattr(dual_cone, "_mprgp", spy)
+    for m, n_iters, expected in [
+        (48, None, [torch.float32, F64]),
+        (48, 200, [F64]),
+        (dual_cone.FLOAT32_FIRST_MIN_M - 1, None, [F64]),
+    ]:
+        dtypes.clear()
+        J = make_jacobian("aligned_conflict", m, seed=2)
+        G_hat = _g_hat(J @ J.T)
+        U = torch.eye(m, dtype=F64)
+        V = dual_cone.mprgp_solve(G_hat, U, n_iters)
+        assert dtypes == expected
+        _assert_kkt(V, U, G_hat, 1e-6)
+    monkeypatch.setattr(dual_cone, "FLOAT32_FIRST_MIN_M", 10**9)
+    float64_only = dual_cone.mprgp_solve(G_hat, U)
+    monkeypatch.setattr(dual_cone, "FLOAT32_FIRST_MIN_M", 2)
+    mixed = dual_cone.mprgp_solve(G_hat, U)
+    assert (mixed - float64_only).abs().max() <= 1e-6 * float64_only.abs().max()
