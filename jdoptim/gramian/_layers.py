@@ -162,20 +162,13 @@ class LinearFactor:
         AA = Af @ Af.mT
         if self.bias is not None:
             AA = AA + 1
-        if kernel_first and B == 1:  # multi-task losses over a whole batch: no copy of D
-            D1 = self.D[:, 0]  # [G, K, T, p]
-            KD = torch.matmul(AA.unsqueeze(1), D1)  # [G, K, T, p]
-            out = D1.reshape(G, K, T * p) @ KD.reshape(G, K, T * p).mT
-            return out.sum(0).reshape(1, K, 1, K)
         if kernel_first:
-            # KD[g, c, (b, t), (q, l)] = sum_s AA[g, (b, t), (c, s)] D[g, c, l, s, q]; laid out
-            # so that the last product needs no copy when B = 1 (multi-task losses).
-            AAc = AA.reshape(G, B * T, B, T).permute(0, 2, 1, 3)
-            Dc = self.D.permute(0, 1, 3, 4, 2).reshape(G, B, T, p * K)
-            KD = (AAc @ Dc).reshape(G, B, B, T * p, K)  # [g, c, b, (t, q), l]
-            KD = KD.permute(0, 2, 3, 1, 4).reshape(G, B, T * p, B * K)
-            out = self.D.reshape(G, B, K, T * p) @ KD
-            return out.sum(0).reshape(B, K, B, K)
+            # KD[g, c, l, (b, t), q] = sum_s AA[g, (b, t), (c, s)] D[g, c, l, s, q]; for B = 1
+            # (multi-task losses over a whole batch) neither product copies D or KD.
+            AAc = AA.reshape(G, B * T, B, T).permute(0, 2, 1, 3).unsqueeze(2)
+            KD = (AAc @ self.D).reshape(G, B, K, B, T * p).permute(0, 3, 1, 2, 4)
+            out = self.D.reshape(G, B, 1, K, T * p) @ KD.mT  # [g, b, c, k, l]
+            return out.sum(0).permute(0, 2, 1, 3)
         Df = self.D.reshape(G, B * K * T, p)
         DD = Df @ Df.mT
         prod = DD.reshape(G, B, K, T, B, K, T) * AA.reshape(G, B, 1, T, B, 1, T)

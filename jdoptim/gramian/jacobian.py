@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ._base import GramianEngine, GramianResult
 from ._kernels import accumulate_gram, accumulation_dtype
+from ._vjp import chunked_batched_grad
 
 
 class JacobianResult(GramianResult):
@@ -125,52 +126,14 @@ class JacobianEngine(GramianEngine):
             raise ValueError(f"`losses` should be a flat vector, got shape {tuple(losses.shape)}.")
         m = losses.shape[0]
         params = list(params)
-        chunk = m if self.chunk_size is None else min(self.chunk_size, m)
         eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
-        pieces: list[tuple[Tensor | None, ...]] = []
-        starts = range(0, m, chunk)
-        for i, start in enumerate(starts):
-            keep = retain_graph or i < len(starts) - 1
-            rows = eye[start : start + chunk]
-            try:
-                if chunk == 1:
-                    grads = torch.autograd.grad(
-                        losses, params, grad_outputs=rows[0], retain_graph=keep, allow_unused=True
-                    )
-                    grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-                else:
-                    grads = torch.autograd.grad(
-                        losses,
-                        params,
-                        grad_outputs=rows,
-                        retain_graph=keep,
-                        allow_unused=True,
-                        is_grads_batched=True,
-                    )
-            except RuntimeError as error:
-                _explain_compiled_backward_error(error)
-                raise
-            pieces.append(grads)
-        jacobians: list[Tensor | None] = []
-        for k in range(len(params)):
-            parts = [piece[k] for piece in pieces]
-            if all(part is None for part in parts):
-                jacobians.append(None)
-            elif len(parts) == 1:
-                jacobians.append(parts[0])
-            else:
-                jacobians.append(
-                    torch.cat(
-                        [
-                            torch.zeros_like(params[k]).expand(len(rows_), *params[k].shape)
-                            if part is None
-                            else part
-                            for part, rows_ in zip(
-                                parts, (eye[s : s + chunk] for s in starts), strict=True
-                            )
-                        ]
-                    )
-                )
+        try:
+            jacobians = chunked_batched_grad(
+                [losses], params, [eye], self.chunk_size, retain_graph=retain_graph
+            )
+        except RuntimeError as error:
+            _explain_compiled_backward_error(error)
+            raise
         return JacobianResult(params, jacobians, m, losses.device)
 
     def __repr__(self) -> str:

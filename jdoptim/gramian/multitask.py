@@ -65,6 +65,7 @@ from ..aggregation._checks import should_check_values
 from ._base import GramianEngine, GramianResult
 from ._kernels import accumulation_dtype
 from ._layers import Dims, Factor, LinearRule, PerSample, rule_for
+from ._vjp import chunked_batched_grad
 from .layerwise import Strategy, prepare_factors
 
 _STRATEGIES = ("auto", "ghost", "materialize")
@@ -409,15 +410,19 @@ class MultiTaskGramianEngine(GramianEngine):
             else:
                 roots.append(h.source)
                 members.append([k])
-        root_cotangents = []
-        for r, ks in zip(roots, members, strict=True):
-            rows = [deltas[k] if k in ks else torch.zeros_like(r) for k in range(m)]
-            rows = [torch.zeros_like(r) if d is None else d for d in rows]
-            root_cotangents.append(torch.stack(rows))
+        root_cotangents = [
+            torch.stack([
+                d if k in ks and d is not None else torch.zeros_like(r)
+                for k, d in enumerate(deltas)
+            ])
+            for r, ks in zip(roots, members, strict=True)
+        ]  # fmt: skip
         targets = [c.output for c, _ in calls] + fallback
         if not roots or not targets:
             return []
-        grads = self._batched_backward(roots, targets, root_cotangents, m, keep)
+        grads = chunked_batched_grad(
+            roots, targets, root_cotangents, self.chunk_size, retain_graph=keep
+        )
         dims = Dims(B=1, K=m, batch_dim=0)
         rule = LinearRule()
         factors: list[Factor] = []
@@ -431,41 +436,6 @@ class MultiTaskGramianEngine(GramianEngine):
             if J is not None:
                 pool.add({index[id(p)]: J.reshape(1, m, -1).to(dtype)})
         return factors
-
-    def _batched_backward(
-        self,
-        roots: list[Tensor],
-        targets: list[Tensor],
-        cotangents: list[Tensor],
-        m: int,
-        keep: bool,
-    ) -> list[Tensor | None]:
-        """Gradients of ``targets`` for the ``m`` rows of ``cotangents`` at ``roots``, as
-        ``[m, *target.shape]``: one batched backward, or ``ceil(m / chunk_size)`` of them."""
-        chunk = m if self.chunk_size is None else min(self.chunk_size, m)
-        starts = range(0, m, chunk)
-        pieces: list[tuple[Tensor | None, ...]] = []
-        for n, start in enumerate(starts):
-            rows = [c[start : start + chunk] for c in cotangents]
-            last = n == len(starts) - 1
-            if chunk == 1:
-                out = torch.autograd.grad(
-                    roots, targets, grad_outputs=[r[0] for r in rows],
-                    retain_graph=keep or not last, allow_unused=True,
-                )  # fmt: skip
-                out = tuple(None if g is None else g.unsqueeze(0) for g in out)
-            else:
-                out = torch.autograd.grad(
-                    roots, targets, grad_outputs=rows, retain_graph=keep or not last,
-                    allow_unused=True, is_grads_batched=True,
-                )  # fmt: skip
-            pieces.append(out)
-        if len(pieces) == 1:
-            return list(pieces[0])
-        # Which targets the roots reach does not depend on the rows: None in every piece or none.
-        return [
-            None if piece[0] is None else torch.cat(piece) for piece in zip(*pieces, strict=True)
-        ]
 
     @staticmethod
     def _check_one_loss_per_head(per_row: Sequence[Tensor | None]) -> None:
