@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -34,7 +34,11 @@ from .aggregation._base import (
     Weighting,
 )
 from .aggregation._checks import value_checks
+from .distributed import batch_slice
 from .gramian import GramianEngine, to_generalized_gramian
+
+if TYPE_CHECKING:
+    from .distributed import Communicator
 
 NonFinitePolicy = Literal["raise", "skip", "propagate"]
 OtherParamsGrad = Literal["weighted", "sum"]
@@ -187,6 +191,8 @@ def jd_backward(
     other_params_grad: OtherParamsGrad = "weighted",
     nonfinite: NonFinitePolicy = "raise",
     retain_graph: bool = False,
+    comm: Communicator | None = None,
+    batch_dim: int | None = None,
 ) -> JDOutput:
     r"""Accumulate the Jacobian-descent gradient of ``losses`` into ``.grad`` (steps 1–3 of the
     module docstring) and return the weights.
@@ -205,6 +211,10 @@ def jd_backward(
         under ``torch.compile`` it is not read here: the gradients are written masked and the
         flag is returned in ``ok``.
     :param retain_graph: keep the graph of ``losses`` after the call.
+    :param comm: distributed step (:mod:`jdoptim.distributed`): ``None`` (single process),
+        or a communicator in ``"global"`` or ``"local"`` mode.
+    :param batch_dim: per-sample losses' batch dimension (for the global mode; the engines
+        that know it, e.g. the layer-wise one, use their own).
 
     >>> import torch
     >>> from jdoptim.aggregation import UPGradWeighting
@@ -234,17 +244,30 @@ def jd_backward(
     retain_graph = retain_graph or compiling
 
     if losses.ndim == 0:
-        return _scalar_backward(losses, params + other_params, check, nonfinite, retain_graph)
+        return _scalar_backward(losses, params + other_params, check, nonfinite, retain_graph, comm)
 
     if not params:
         raise ValueError("Jacobian descent needs at least one JD parameter requiring grad.")
     flat = losses.reshape(-1)
     result = engine.compute(flat, params, retain_graph=retain_graph or bool(other_params))
+    glob = comm is not None and comm.mode == "global"
+    shape = losses.shape
+    sizes: list[int] | None = None
+    seen = losses.detach()
+    if glob:
+        assert comm is not None
+        if result.batch_dim is not None:
+            batch_dim = result.batch_dim
+        sizes = comm.loss_shapes(losses, batch_dim)
+        result, seen = result.to_global(comm, losses, batch_dim, sizes)
+        shape = seen.shape
     gramian = result.gramian.detach()
 
     ok: Tensor | None = None
     if check:
-        flag = torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all()
+        flag = torch.isfinite(gramian).all() & torch.isfinite(seen).all()
+        if comm is not None and not glob:
+            flag = comm.all_true(flag)  # local mode: every rank raises or skips together
         if compiling:
             ok = flag
         elif not bool(flag):  # the one host read of the step (documented)
@@ -253,24 +276,31 @@ def jd_backward(
                     "The losses or their Gramian hold NaN or inf; no gradient was written. Use "
                     "nonfinite='skip' to skip such steps."
                 )
-            nan = torch.full(losses.shape, float("nan"), dtype=gramian.dtype, device=flat.device)
+            nan = torch.full(shape, float("nan"), dtype=gramian.dtype, device=flat.device)
             return JDOutput(weights=nan, gramian=gramian, skipped=True)
 
     weights: Tensor | None
     with torch.no_grad(), _maybe_no_value_checks(nonfinite):
         if strategy.aggregator is None:
-            weights = strategy.weights_from_gramian(gramian, losses.shape)
+            weights = strategy.weights_from_gramian(gramian, shape)
+            if glob:  # rank 0's weights everywhere: the ranks cannot drift
+                weights = comm.broadcast(weights)  # type: ignore[union-attr]
             grads = result.weighted_gradient(weights.reshape(-1))
         elif strategy.has_weights:
             agg = strategy.aggregator
             assert isinstance(agg, WeightedAggregator)
             weights = agg.weighting(result.jacobian())
-            _check_weights_shape(weights, flat.shape)
-            weights = weights.reshape(losses.shape)
+            _check_weights_shape(weights, torch.Size([shape.numel()]))
+            weights = weights.reshape(shape)
+            if glob:
+                weights = comm.broadcast(weights)  # type: ignore[union-attr]
             grads = result.weighted_gradient(weights.reshape(-1))
         else:
             weights = None
-            grads = result.split(strategy.aggregator(result.jacobian()))
+            update = strategy.aggregator(result.jacobian())
+            if glob:
+                update = comm.broadcast(update)  # type: ignore[union-attr]
+            grads = result.split(update)
 
     other_grads: Sequence[Tensor | None] = []
     if other_params:
@@ -279,12 +309,22 @@ def jd_backward(
                 raise ValueError(
                     f"{strategy.source!r} produces no weights; use other_params_grad='sum' with it."
                 )
-            grad_outputs = weights.reshape(-1).to(flat.dtype)
+            w_local = weights
+            if glob and batch_dim is not None:
+                assert comm is not None and sizes is not None
+                w_local = batch_slice(weights, batch_dim, sizes, comm.rank)
+            grad_outputs = w_local.reshape(-1).to(flat.dtype)
         else:
             grad_outputs = torch.ones_like(flat)
         other_grads = torch.autograd.grad(
             flat, other_params, grad_outputs, retain_graph=retain_graph, allow_unused=True
         )
+        if glob:  # the other parameters' gradient of the global weighted loss
+            op = "avg" if batch_dim is None else "sum"
+            other_grads = _reduce_grads(comm, other_params, other_grads, op)  # type: ignore[arg-type]
+    if comm is not None and not glob:  # local mode: average the JD gradients, as DDP
+        everything = _reduce_grads(comm, params + other_params, [*grads, *other_grads], "avg")
+        grads, other_grads = everything[: len(params)], everything[len(params) :]
 
     for p, g in zip(params + other_params, list(grads) + list(other_grads), strict=True):
         if g is not None:
@@ -293,14 +333,29 @@ def jd_backward(
     return JDOutput(weights=detached, gramian=gramian, ok=ok)
 
 
+def _reduce_grads(
+    comm: Communicator, params: Sequence[Tensor], grads: Sequence[Tensor | None], op: str
+) -> list[Tensor | None]:
+    """Sum or average gradients over ranks in one bucket (``None``: zeros, as DDP does for
+    a parameter that no loss reaches on some rank)."""
+    full = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    if not full:
+        return []
+    return list(comm.reduce(full, op))  # type: ignore[arg-type]
+
+
 def _scalar_backward(
     loss: Tensor,
     params: list[Tensor],
     check: bool,
     nonfinite: NonFinitePolicy,
     retain_graph: bool,
+    comm: Communicator | None = None,
 ) -> JDOutput:
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    if comm is not None:  # one loss: the mean over ranks is DDP's step in every mode
+        grads = tuple(_reduce_grads(comm, params, grads, "avg"))
+        loss = comm.reduce([loss.detach()], "avg")[0]
     sq = [g.detach().float().square().sum() for g in grads if g is not None]
     gramian = torch.stack(sq).sum().reshape(1, 1) if sq else loss.new_zeros(1, 1).float()
     ok: Tensor | None = None

@@ -23,6 +23,7 @@ from ._functional import (
     jd_backward,
 )
 from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
+from .distributed import DistributedMode, check_supported, resolve_mode
 from .gramian import GramianEngine, resolve_engine
 
 
@@ -89,6 +90,11 @@ class JDOptimizer(torch.optim.Optimizer):
         ``backward`` makes the next :meth:`step` raise or skip.
     :param configure_compile: call :func:`jdoptim.configure_compile` (lets ``torch.compile``
         trace the autograd calls of a step).
+    :param distributed: ``"auto"`` (default: the global step when ``torch.distributed`` is
+        initialised with more than one rank, else single-process), ``"global"``, ``"local"``
+        or ``"off"``; see :mod:`jdoptim.distributed` and the distributed-training docs page.
+        Resolved on the first :meth:`backward`.
+    :param process_group: the group of the distributed step (``None``: the default group).
 
     Gradient accumulation: each :meth:`backward` computes its own Gramian and weights from its
     own losses and *adds* :math:`J_k^\top w_k` to ``.grad``; after ``K`` calls ``.grad`` holds
@@ -126,6 +132,8 @@ class JDOptimizer(torch.optim.Optimizer):
         chunk_size: int | None = None,
         nonfinite: NonFinitePolicy = "raise",
         configure_compile: bool = True,
+        distributed: DistributedMode = "auto",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -181,6 +189,18 @@ class JDOptimizer(torch.optim.Optimizer):
             _configure_compile()
 
         self._record = _StepRecord()
+        self.batch_dim = batch_dim
+        if distributed not in ("auto", "global", "local", "off"):
+            raise ValueError(
+                "`distributed` should be one of ('auto', 'global', 'local', 'off'), but got "
+                f"{distributed!r}."
+            )
+        self.distributed: DistributedMode = distributed
+        self.process_group = process_group
+        self._comm_resolved = distributed == "off"
+        self._comm = None
+        if distributed != "off":
+            check_supported([p for g in optimizer.param_groups for p in g["params"]], model)
 
     # -- monitoring ------------------------------------------------------------------------------
     @property
@@ -192,6 +212,12 @@ class JDOptimizer(torch.optim.Optimizer):
     def last_gramian(self) -> Tensor | None:
         """Detached ``[M, M]`` Gramian of the last :meth:`backward`."""
         return self._record.last_gramian
+
+    @property
+    def communicator(self) -> Any:
+        """The :class:`~jdoptim.distributed.Communicator` of the distributed step (``None``:
+        single process, or not resolved yet: it is resolved on the first :meth:`backward`)."""
+        return self._comm
 
     @property
     def skipped_steps(self) -> int:
@@ -245,6 +271,9 @@ class JDOptimizer(torch.optim.Optimizer):
         the step is skipped; ``None`` for a Jacobian-only aggregator without weights).
         """
         jd, other = self._split_params()
+        if not self._comm_resolved:  # once: a single process then never looks again
+            self._comm = resolve_mode(self.distributed, self.process_group)
+            self._comm_resolved = True
         out = jd_backward(
             losses,
             jd,
@@ -254,6 +283,8 @@ class JDOptimizer(torch.optim.Optimizer):
             other_params_grad=self.other_params_grad,
             nonfinite=self.nonfinite,
             retain_graph=retain_graph,
+            comm=self._comm,
+            batch_dim=self.batch_dim,
         )
         record = self._record
         if out.skipped:

@@ -20,6 +20,7 @@ while JD runs eagerly: pytorch#138422).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,6 +28,9 @@ from torch import Tensor
 from ._base import GramianEngine, GramianResult
 from ._kernels import accumulate_gram, accumulation_dtype
 from ._vjp import chunked_batched_grad
+
+if TYPE_CHECKING:
+    from ..distributed import Communicator
 
 
 class JacobianResult(GramianResult):
@@ -62,6 +66,30 @@ class JacobianResult(GramianResult):
             flat = weights.to(dtype) @ jac.reshape(jac.shape[0], -1).to(dtype)
             out.append(flat.reshape(p.shape).to(p.dtype))
         return out
+
+    def to_global(
+        self,
+        comm: Communicator,
+        losses: Tensor,
+        batch_dim: int | None,
+        sizes: list[int] | None,
+    ) -> tuple[JacobianResult, Tensor]:
+        """Batch-mean: all-reduce (mean) every block, ``M n`` numbers. Per-sample: all-gather
+        the rows along ``batch_dim``. One bucket with the losses either way."""
+        losses = losses.detach()
+        present = [j for j in self.jacobians if j is not None]
+        if batch_dim is None:
+            reduced = comm.reduce([losses, *present], "avg")
+            glob, blocks = reduced[0], iter(reduced[1:])
+            shapes = [None if j is None else j.shape for j in self.jacobians]
+        else:
+            rows = [j.reshape(*losses.shape, -1) for j in present]
+            gathered = comm.gather([losses, *rows], [batch_dim] * (1 + len(rows)), sizes)
+            glob, blocks = gathered[0], iter(gathered[1:])
+            shapes = [None if j is None else (glob.numel(), *p.shape)
+                      for p, j in zip(self.params, self.jacobians, strict=True)]  # fmt: skip
+        jacs = [None if s is None else next(blocks).reshape(s) for s in shapes]
+        return JacobianResult(self.params, jacs, glob.numel(), losses.device), glob
 
     def jacobian(self) -> Tensor:
         if not self._blocks:

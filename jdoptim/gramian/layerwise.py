@@ -57,13 +57,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._base import GramianEngine, GramianResult
+from ._global import gather_batch, gram_of
 from ._kernels import accumulation_dtype
 from ._layers import (
     GENERIC,
@@ -76,6 +77,9 @@ from ._layers import (
     mixes_samples,
     rule_for,
 )
+
+if TYPE_CHECKING:
+    from ..distributed import Communicator
 
 Strategy = Literal["auto", "ghost", "materialize"]
 _STRATEGIES = ("auto", "ghost", "materialize")
@@ -115,6 +119,45 @@ class LayerwiseResult(GramianResult):
         self._dims = dims
         self._losses_shape = losses_shape
         self._dtype = dtype
+        self.batch_dim = dims.batch_dim
+
+    def to_global(
+        self,
+        comm: Communicator,
+        losses: Tensor,
+        batch_dim: int | None,
+        sizes: list[int] | None,
+    ) -> tuple[LayerwiseResult, Tensor]:
+        """Per-sample objectives of the concatenated batch: all-gather every factor along its
+        sample dimension (``B (T d + K T p)`` numbers per ``nn.Linear``), then the global
+        Gramian and, later, the weighted gradient from the gathered factors (no gradient is
+        all-reduced)."""
+        dims = self._dims
+        bd = dims.batch_dim
+        losses = losses.detach()
+        per = losses.shape[bd] // dims.B if losses.ndim > bd else 0
+        if per < 1 or losses.shape[bd] != per * dims.B:
+            raise ValueError(
+                f"Losses of shape {tuple(losses.shape)} do not match the hooked batch of "
+                f"{dims.B} samples along dimension {bd}."
+            )
+        units = None if sizes is None else [s // per for s in sizes]
+        if per == 1:
+            factors, gdims, glob_losses = gather_batch(
+                self._factors, dims, comm, units, (losses, bd)
+            )
+        else:
+            glob_losses = comm.gather([losses], [bd], sizes)[0]
+            factors, gdims, _ = gather_batch(self._factors, dims, comm, units)
+        assert glob_losses is not None
+        shape = list(self._losses_shape)
+        shape[bd] = gdims.B
+        G = gram_of(factors, gdims, self._dtype, self.gramian.device)
+        gramian = LayerwiseGramianEngine._to_losses_order(G, torch.Size(shape), gdims)
+        result = LayerwiseResult(
+            gramian.detach(), self.params, self._slots, factors, gdims, tuple(shape), self._dtype
+        )
+        return result, glob_losses
 
     def _internal_weights(self, weights: Tensor) -> Tensor:
         dims = self._dims

@@ -56,6 +56,7 @@ that reads :math:`z`, or a trunk activation, directly is not seen); use the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -63,10 +64,14 @@ from torch.utils.hooks import RemovableHandle
 
 from ..aggregation._checks import should_check_values
 from ._base import GramianEngine, GramianResult
+from ._global import gram_of, reduce_mean
 from ._kernels import accumulation_dtype
 from ._layers import Dims, Factor, LinearRule, PerSample, rule_for
 from ._vjp import chunked_batched_grad
 from .layerwise import Strategy, prepare_factors
+
+if TYPE_CHECKING:
+    from ..distributed import Communicator
 
 _STRATEGIES = ("auto", "ghost", "materialize")
 
@@ -105,6 +110,41 @@ class MultiTaskResult(GramianResult):
         self._head_grads = head_grads
         self._m = m
         self._dtype = dtype
+
+    def to_global(
+        self,
+        comm: Communicator,
+        losses: Tensor,
+        batch_dim: int | None,
+        sizes: list[int] | None,
+    ) -> tuple[MultiTaskResult, Tensor]:
+        r"""Batch-mean task losses: :math:`J = \frac1R \sum_r J_r`. Each trunk ``nn.Linear``
+        all-gathers its positions (``T (d + m p)`` numbers) or all-reduces its ``[m, p (d+1)]``
+        per-task gradient, whichever sends fewer bytes; head gradients and other materialised
+        gradients are averaged (all-reduce)."""
+        if batch_dim is not None:
+            raise ValueError(
+                "The multi-task engine's losses are one batch-mean loss per task: do not pass "
+                "batch_dim."
+            )
+        m = self._m
+        keys = list(self._head_grads)
+        extra = [losses.detach(), *(self._head_grads[i][1] for i in keys)]
+        factors, reduced = reduce_mean(self._factors, extra, Dims(B=1, K=m, batch_dim=0), comm)
+        head_grads = {
+            i: (self._head_grads[i][0], g) for i, g in zip(keys, reduced[1:], strict=True)
+        }
+        device = self.gramian.device
+        gramian = gram_of(factors, Dims(B=1, K=m, batch_dim=0), self._dtype, device)
+        gramian = gramian.reshape(m, m)
+        if head_grads:
+            eye = torch.eye(m, dtype=self._dtype, device=device)
+            sq = torch.zeros(m, dtype=self._dtype, device=device)
+            for k, g in head_grads.values():
+                sq = sq + eye[k] * g.to(self._dtype).pow(2).sum()
+            gramian = gramian + torch.diag(sq)
+        result = MultiTaskResult(gramian.detach(), self.params, factors, head_grads, m, self._dtype)
+        return result, reduced[0]
 
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
         r"""Return :math:`\sum_k w_k \nabla_{\theta_p} L_k` for each parameter (``None`` where no
