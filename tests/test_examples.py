@@ -17,6 +17,7 @@ SCRIPTS = sorted(EXAMPLES.glob("*.py"))
 # on a 2-core CPU); `python examples/compile_train_step.py` runs it with inductor.
 OVERRIDES: dict[str, dict[str, object]] = {
     "compile_train_step": {"backend": "aot_eager", "steps": 3},
+    "distributed": {"steps": 4},  # launches torchrun with 2 gloo ranks
 }
 NEEDS: dict[str, str] = {"lightning_manual": "lightning"}
 
