@@ -34,7 +34,7 @@ from .aggregation._base import (
     Weighting,
 )
 from .aggregation._checks import value_checks
-from .distributed import batch_slice
+from .distributed import batch_slice, to_param_layout
 from .gramian import GramianEngine, to_generalized_gramian
 
 if TYPE_CHECKING:
@@ -328,6 +328,8 @@ def jd_backward(
 
     for p, g in zip(params + other_params, list(grads) + list(other_grads), strict=True):
         if g is not None:
+            if comm is not None:  # sharded parameters (FSDP2): this rank's shard
+                g = to_param_layout(p, g)
             _accumulate(p, g, ok)
     detached = None if weights is None else weights.detach()
     return JDOutput(weights=detached, gramian=gramian, ok=ok)

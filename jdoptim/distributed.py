@@ -276,12 +276,42 @@ def check_supported(params: Sequence[Tensor], model: object | None = None) -> No
             "parameters hide the per-parameter Jacobian. Use DDP, or see the distributed docs "
             "page for FSDP2."
         )
+
+
+def check_sharded(params: Sequence[Tensor], engine: object, mode: str) -> None:
+    """FSDP2 (``fully_shard``: DTensor parameters) runs with the layer-wise engine only, when
+    every parameter is covered by a layer rule (the exact fallback differentiates the
+    parameters themselves, which FSDP2 keeps out of the autograd graph), in the global or
+    local mode."""
     dtensor = _dtensor_type()
-    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+        return
+    generic = getattr(engine, "_generic", None)
+    if getattr(engine, "name", None) != "layerwise" or generic is None:
         raise TypeError(
-            "Parameters are DTensors (FSDP2 / tensor parallelism): JDOptimizer does not run on "
-            "sharded parameters yet (see the distributed docs page). Use DDP."
+            "Sharded (DTensor) parameters, e.g. FSDP2's fully_shard, are supported with the "
+            "layer-wise engine only (per-sample losses: model= and batch_dim=); "
+            f"got {engine!r}. Use DDP for the other engines."
         )
+    if generic:
+        raise TypeError(
+            "With sharded (DTensor) parameters every parameter must sit in a layer the "
+            "layer-wise engine covers (Linear, Conv1d/2d, Embedding, norms); these are not: "
+            f"{sorted(k for k, v in engine.report().items() if v == 'generic')}."  # type: ignore[attr-defined]
+        )
+    if mode == "off":
+        raise TypeError("Sharded (DTensor) parameters need distributed='global' or 'local'.")
+
+
+def to_param_layout(param: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` (the same full tensor on every rank) laid out like ``param``: for a DTensor
+    parameter (FSDP2) this rank's shard, cut locally without communication."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor) or isinstance(grad, dtensor):
+        return grad
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(grad, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def _flat_param_type() -> type | None:
@@ -312,6 +342,8 @@ __all__ = [
     "Communicator",
     "DistributedMode",
     "batch_slice",
+    "check_sharded",
     "check_supported",
+    "to_param_layout",
     "resolve_mode",
 ]

@@ -23,7 +23,7 @@ from ._functional import (
     jd_backward,
 )
 from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
-from .distributed import DistributedMode, check_supported, resolve_mode
+from .distributed import DistributedMode, check_sharded, check_supported, resolve_mode
 from .gramian import GramianEngine, resolve_engine
 
 
@@ -199,8 +199,10 @@ class JDOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self._comm_resolved = distributed == "off"
         self._comm = None
+        every = [p for g in optimizer.param_groups for p in g["params"]]
         if distributed != "off":
-            check_supported([p for g in optimizer.param_groups for p in g["params"]], model)
+            check_supported(every, model)
+        check_sharded(every, self.engine, distributed)
 
     # -- monitoring ------------------------------------------------------------------------------
     @property

@@ -109,6 +109,9 @@ def _compare(
         "mode": repr(opt.communicator),
         "warnings": [str(w.message) for w in caught],
     }
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        out.update(model=model, types=sorted({type(p).__name__ for p in model.parameters()}))
+        return out
     if rank == 0:
         ref = model_fn()
         ref_opt = build(ref, "off")
@@ -246,6 +249,45 @@ def local_mode(rank: int, world: int) -> dict:
 def off_diverges(rank: int, world: int) -> dict:
     """Control: with distributed="off" a DDP model's replicas drift (what the global mode fixes)."""
     return _compare(rank, world, _upgrad("sgd"), _mse_tasks, wrap_ddp=True, mode="off")
+
+
+def fsdp2_layerwise(rank: int, world: int) -> dict:
+    """FSDP2 (fully_shard per layer and at the root) with per-sample losses and the layer-wise
+    engine: the global step, each rank writing its shard of the gradient; and the clear error
+    for an engine that FSDP2 cannot serve."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def sharded() -> nn.Module:
+        model = _mlp()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    out = _compare(rank, world, _layerwise("adam"), _mse_samples, model_fn=sharded, inner="adam")
+    # Every rank holds its shard: compare the full tensors (one all-gather each).
+    out["params"] = [p.full_tensor() for p in sharded_params(out.pop("model"))]
+    out["shard_types"] = out.pop("types")
+    if rank == 0:
+        ref = _mlp()
+        ref_opt = _layerwise("adam")(ref, "off")
+        for step in range(STEPS):
+            x, y = _batch(step, 4 * world)
+            ref_opt.zero_grad()
+            ref_opt.step(_mse_samples(ref, x, y))
+        out["ref"] = _params(ref)
+    try:
+        JDOptimizer(torch.optim.SGD(sharded().parameters(), lr=0.1), UPGradWeighting())
+    except TypeError as error:
+        out["jacobian_error"] = str(error)
+    return out
+
+
+def sharded_params(model: nn.Module) -> list[Tensor]:
+    return list(model.parameters())
 
 
 def errors(rank: int, world: int) -> dict:
@@ -418,6 +460,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict]] = {
         config_per_sample,
         local_mode,
         errors,
+        fsdp2_layerwise,
         off_diverges,
         accumulation,
         checkpoint_resume,

@@ -29,6 +29,7 @@ EXACT = [
     "config_jacobian",
     "config_per_sample",
     "local_mode",
+    "fsdp2_layerwise",
 ]
 
 
@@ -96,11 +97,14 @@ def test_two_ranks() -> None:
     assert _bitwise(results[0]["checkpoint_resume"]["resumed"],
                     results[1]["checkpoint_resume"]["resumed"])  # fmt: skip
     _check_compiled(results)
+    fsdp2 = _ok(results, "fsdp2_layerwise")
+    assert fsdp2[0]["shard_types"] == ["DTensor"]
+    assert "layer-wise engine only" in fsdp2[0]["jacobian_error"]
 
 
 def test_three_ranks() -> None:
     names = ["mtl_ddp_adam", "per_sample_uneven", "multitask_engine", "generalized_bk",
-             "local_mode", "off_diverges", "errors"]  # fmt: skip
+             "local_mode", "fsdp2_layerwise", "off_diverges", "errors"]  # fmt: skip
     results = _harness.run(3, MODULE, names)
     _check_exact(results, 3)
     _check_errors(results, 3)
