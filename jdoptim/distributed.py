@@ -266,6 +266,8 @@ def check_supported(params: Sequence[Tensor], model: object | None = None) -> No
             "DeepSpeed is not supported by JDOptimizer (its engine owns the backward and "
             "partitions the parameters). Use DDP or FSDP2 (torch.distributed.fsdp.fully_shard)."
         )
+    if not _dist_ready():  # FSDP needs a process group: single processes skip the imports
+        return
     flat = _flat_param_type()
     fsdp1 = _fsdp1_type()
     if (flat is not None and any(isinstance(p, flat) for p in params)) or (
@@ -283,6 +285,8 @@ def check_sharded(params: Sequence[Tensor], engine: object, mode: str) -> None:
     every parameter is covered by a layer rule (the exact fallback differentiates the
     parameters themselves, which FSDP2 keeps out of the autograd graph), in the global or
     local mode."""
+    if not _dist_ready():  # DTensors need a process group
+        return
     dtensor = _dtensor_type()
     if dtensor is None or not any(isinstance(p, dtensor) for p in params):
         return
