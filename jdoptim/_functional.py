@@ -193,6 +193,7 @@ def jd_backward(
     retain_graph: bool = False,
     comm: Communicator | None = None,
     batch_dim: int | None = None,
+    engine_params: Sequence[Tensor] | None = None,
 ) -> JDOutput:
     r"""Accumulate the Jacobian-descent gradient of ``losses`` into ``.grad`` (steps 1–3 of the
     module docstring) and return the weights.
@@ -215,6 +216,8 @@ def jd_backward(
         or a communicator in ``"global"`` or ``"local"`` mode.
     :param batch_dim: per-sample losses' batch dimension (for the global mode; the engines
         that know it, e.g. the layer-wise one, use their own).
+    :param engine_params: the tensors the engine differentiates in place of ``params`` (FSDP2:
+        the unsharded parameters of the sharded ``params``); ``None``: ``params``.
 
     >>> import torch
     >>> from jdoptim.aggregation import UPGradWeighting
@@ -249,7 +252,8 @@ def jd_backward(
     if not params:
         raise ValueError("Jacobian descent needs at least one JD parameter requiring grad.")
     flat = losses.reshape(-1)
-    result = engine.compute(flat, params, retain_graph=retain_graph or bool(other_params))
+    differentiated = params if engine_params is None else list(engine_params)
+    result = engine.compute(flat, differentiated, retain_graph=retain_graph or bool(other_params))
     glob = comm is not None and comm.mode == "global"
     shape = losses.shape
     sizes: list[int] | None = None

@@ -290,12 +290,16 @@ def check_sharded(params: Sequence[Tensor], engine: object, mode: str) -> None:
     dtensor = _dtensor_type()
     if dtensor is None or not any(isinstance(p, dtensor) for p in params):
         return
+    if mode == "off":
+        raise TypeError("Sharded (DTensor) parameters need distributed='global' or 'local'.")
+    if getattr(engine, "name", None) == "jacobian":
+        return  # differentiates FSDP2's unsharded parameters (see fsdp2_unsharded)
     generic = getattr(engine, "_generic", None)
     if getattr(engine, "name", None) != "layerwise" or generic is None:
         raise TypeError(
             "Sharded (DTensor) parameters, e.g. FSDP2's fully_shard, are supported with the "
-            "layer-wise engine only (per-sample losses: model= and batch_dim=); "
-            f"got {engine!r}. Use DDP for the other engines."
+            "layer-wise engine (per-sample losses: model= and batch_dim=) and the Jacobian "
+            f"engine (with model=); got {engine!r}. Use DDP for the other engines."
         )
     if generic:
         raise TypeError(
@@ -303,8 +307,37 @@ def check_sharded(params: Sequence[Tensor], engine: object, mode: str) -> None:
             "layer-wise engine covers (Linear, Conv1d/2d, Embedding, norms); these are not: "
             f"{sorted(k for k, v in engine.report().items() if v == 'generic')}."  # type: ignore[attr-defined]
         )
-    if mode == "off":
-        raise TypeError("Sharded (DTensor) parameters need distributed='global' or 'local'.")
+
+
+def fsdp2_unsharded(model: object | None, params: Sequence[Tensor]) -> dict[int, object] | None:
+    """For FSDP2 (DTensor) parameters: ``id(sharded parameter) -> FSDPParam`` over the
+    ``fully_shard`` modules of ``model``, whose ``unsharded_param`` is the tensor the forward
+    pass uses (the one to differentiate). ``None`` when no parameter is sharded."""
+    if not _dist_ready():
+        return None
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "With FSDP2 (sharded parameters) and the Jacobian engine, pass the fully_shard "
+            "model as `model=`: JD differentiates FSDP2's unsharded parameters."
+        )
+    found: dict[int, object] = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group  # FSDP2 internals (torch 2.13)
+        for fsdp_param in [] if group is None else group.fsdp_params:
+            found[id(fsdp_param.sharded_param)] = fsdp_param
+    missing = [i for i, p in enumerate(params) if isinstance(p, dtensor) and id(p) not in found]
+    if missing:
+        raise TypeError(
+            f"Parameters {missing} are sharded but belong to no fully_shard module of `model`."
+        )
+    return found
 
 
 def to_param_layout(param: Tensor, grad: Tensor) -> Tensor:
@@ -347,6 +380,7 @@ __all__ = [
     "DistributedMode",
     "batch_slice",
     "check_sharded",
+    "fsdp2_unsharded",
     "check_supported",
     "to_param_layout",
     "resolve_mode",

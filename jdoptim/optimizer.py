@@ -23,7 +23,13 @@ from ._functional import (
     jd_backward,
 )
 from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
-from .distributed import DistributedMode, check_sharded, check_supported, resolve_mode
+from .distributed import (
+    DistributedMode,
+    check_sharded,
+    check_supported,
+    fsdp2_unsharded,
+    resolve_mode,
+)
 from .gramian import GramianEngine, resolve_engine
 
 
@@ -203,6 +209,7 @@ class JDOptimizer(torch.optim.Optimizer):
         if distributed != "off":
             check_supported(every, model)
         check_sharded(every, self.engine, distributed)
+        self._fsdp2 = None if self.engine.name != "jacobian" else fsdp2_unsharded(model, every)
 
     # -- monitoring ------------------------------------------------------------------------------
     @property
@@ -287,6 +294,7 @@ class JDOptimizer(torch.optim.Optimizer):
             retain_graph=retain_graph,
             comm=self._comm,
             batch_dim=self.batch_dim,
+            engine_params=None if self._fsdp2 is None else self._unsharded(jd),
         )
         record = self._record
         if out.skipped:
@@ -296,6 +304,14 @@ class JDOptimizer(torch.optim.Optimizer):
         record.last_weights = out.weights
         record.last_gramian = out.gramian
         return out.weights
+
+    def _unsharded(self, params: list[Tensor]) -> list[Tensor]:
+        """FSDP2: the unsharded parameters the forward pass used, for the sharded ones."""
+        assert self._fsdp2 is not None
+        return [
+            self._fsdp2[id(p)].unsharded_param if id(p) in self._fsdp2 else p  # type: ignore[attr-defined]
+            for p in params
+        ]
 
     @torch.no_grad()
     def _take_step(self) -> None:

@@ -280,9 +280,50 @@ def fsdp2_layerwise(rank: int, world: int) -> dict:
             ref_opt.step(_mse_samples(ref, x, y))
         out["ref"] = _params(ref)
     try:
+        model = sharded()
+        engine = MultiTaskGramianEngine(model[0], [model[2]])
+        JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), UPGradWeighting(), engine=engine)
+    except TypeError as error:
+        out["multitask_error"] = str(error)
+    try:
         JDOptimizer(torch.optim.SGD(sharded().parameters(), lr=0.1), UPGradWeighting())
     except TypeError as error:
-        out["jacobian_error"] = str(error)
+        out["no_model_error"] = str(error)
+    return out
+
+
+def fsdp2_jacobian(rank: int, world: int) -> dict:
+    """FSDP2 with batch-mean multi-task losses and the Jacobian engine (UPGrad, then ConFIG):
+    JD differentiates the unsharded parameters, all-reduces J, each rank writes its shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def sharded() -> nn.Module:
+        model = _mlp()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    out: dict = {}
+    for name, weighting in (("upgrad", UPGradWeighting()), ("config", ConFIG())):
+        model = sharded()
+        opt = JDOptimizer(_inner(model, "adam"), weighting, model=model)
+        for step in range(STEPS):
+            x, y = _batch(step, 4 * world)
+            opt.zero_grad()
+            opt.step(_mse_tasks(model, _shard(x, rank, [4] * world), _shard(y, rank, [4] * world)))
+        out[name] = [p.full_tensor() for p in model.parameters()]
+        if rank == 0:
+            ref = _mlp()
+            ref_opt = JDOptimizer(_inner(ref, "adam"), weighting, distributed="off")
+            for step in range(STEPS):
+                x, y = _batch(step, 4 * world)
+                ref_opt.zero_grad()
+                ref_opt.step(_mse_tasks(ref, x, y))
+            out[f"{name}_ref"] = _params(ref)
     return out
 
 
@@ -461,6 +502,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict]] = {
         local_mode,
         errors,
         fsdp2_layerwise,
+        fsdp2_jacobian,
         off_diverges,
         accumulation,
         checkpoint_resume,

@@ -78,7 +78,8 @@ def _check_errors(results: list[dict], world: int) -> None:
 
 
 def test_two_ranks() -> None:
-    names = [*EXACT, "off_diverges", "errors", "checkpoint_resume", "accumulation", "compiled"]
+    names = [*EXACT, "off_diverges", "errors", "checkpoint_resume", "accumulation", "compiled",
+             "fsdp2_jacobian"]  # fmt: skip
     results = _harness.run(2, MODULE, names, timeout=420)
     _check_exact(results, 2)
     _check_errors(results, 2)
@@ -99,15 +100,24 @@ def test_two_ranks() -> None:
     _check_compiled(results)
     fsdp2 = _ok(results, "fsdp2_layerwise")
     assert fsdp2[0]["shard_types"] == ["DTensor"]
-    assert "layer-wise engine only" in fsdp2[0]["jacobian_error"]
+    assert "supported with the layer-wise engine" in fsdp2[0]["multitask_error"]
+    assert "pass the fully_shard model as `model=`" in fsdp2[0]["no_model_error"]
+    jac = _ok(results, "fsdp2_jacobian")
+    for name in ("upgrad", "config"):
+        assert _rel(jac[0][name], jac[0][f"{name}_ref"]) <= 1e-9, name
+        assert _bitwise(jac[0][name], jac[1][name]), name
 
 
 def test_three_ranks() -> None:
     names = ["mtl_ddp_adam", "per_sample_uneven", "multitask_engine", "generalized_bk",
-             "local_mode", "fsdp2_layerwise", "off_diverges", "errors"]  # fmt: skip
+             "local_mode", "fsdp2_layerwise", "fsdp2_jacobian", "off_diverges",
+             "errors"]  # fmt: skip
     results = _harness.run(3, MODULE, names)
     _check_exact(results, 3)
     _check_errors(results, 3)
+    jac = _ok(results, "fsdp2_jacobian")
+    assert _rel(jac[0]["upgrad"], jac[0]["upgrad_ref"]) <= 1e-9
+    assert _bitwise(jac[0]["upgrad"], jac[2]["upgrad"])
 
 
 def _check_compiled(results: list[dict]) -> None:
