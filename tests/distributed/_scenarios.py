@@ -436,6 +436,70 @@ def accumulation(rank: int, world: int) -> dict:
     return out
 
 
+def extras(rank: int, world: int) -> dict:
+    """AMP (CPU autocast, bfloat16), the local mode on per-sample losses, and
+    nonfinite="skip" in the global mode (every rank skips together)."""
+    sizes = [4] * world
+    out: dict = {}
+    # AMP: float32 model, bf16 autocast forward; per-sample global step.
+    for mode in ("auto", "off"):
+        if mode == "off" and rank != 0:
+            continue
+        model = _mlp().float()
+        opt = _layerwise("adam")(model, mode)
+        for step in range(STEPS):
+            x, y = _batch(step, sum(sizes))
+            if mode == "auto":
+                x, y = _shard(x, rank, sizes), _shard(y, rank, sizes)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses = _mse_samples(model, x.float(), y.float()).float()
+            opt.zero_grad()
+            opt.step(losses)
+        out[f"amp_{mode}"] = _params(model)
+    # Local mode, per-sample losses: per-rank JD, gradients averaged.
+    model = _mlp()
+    opt = JDOptimizer(
+        _inner(model, "sgd"), UPGradWeighting(), model=model, batch_dim=0, distributed="local"
+    )
+    for step in range(STEPS):
+        x, y = _batch(step, sum(sizes))
+        opt.zero_grad()
+        opt.step(_mse_samples(model, _shard(x, rank, sizes), _shard(y, rank, sizes)))
+    out["local_samples"] = _params(model)
+    if rank == 0:
+        ref = _mlp()
+        ref_opt = JDOptimizer(
+            _inner(ref, "sgd"), UPGradWeighting(), model=ref, batch_dim=0, distributed="off"
+        )
+        for step in range(STEPS):
+            x, y = _batch(step, sum(sizes))
+            grads = []
+            for r in range(world):
+                ref_opt.zero_grad()
+                ref_opt.backward(_mse_samples(ref, _shard(x, r, sizes), _shard(y, r, sizes)))
+                grads.append([p.grad.clone() for p in ref.parameters()])
+            for i, p in enumerate(ref.parameters()):
+                p.grad = sum(g[i] for g in grads) / world
+            ref_opt.step()
+        out["local_samples_ref"] = _params(ref)
+    # nonfinite="skip": one rank's NaN makes every rank skip the step.
+    model = _mlp()
+    opt = JDOptimizer(
+        _inner(model, "sgd"), UPGradWeighting(), model=model, batch_dim=0, nonfinite="skip"
+    )
+    before = _params(model)
+    x, y = _batch(0, sum(sizes))
+    losses = _mse_samples(model, _shard(x, rank, sizes), _shard(y, rank, sizes))
+    if rank == 0:
+        losses = losses * torch.tensor([1.0, float("inf"), 1.0, 1.0], dtype=DT)
+    opt.step(losses)
+    out["skip_untouched"] = all(
+        torch.equal(a, b) for a, b in zip(before, _params(model), strict=True)
+    )
+    out["skipped_steps"] = opt.skipped_steps
+    return out
+
+
 def compiled(rank: int, world: int) -> dict:
     """The JD part (forward, losses, opt.backward) compiled with its collectives == eager; no
     recompilation over 10 steps. The aot_eager backend (Dynamo capture and AOT autograd with
@@ -505,6 +569,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict]] = {
         fsdp2_jacobian,
         off_diverges,
         accumulation,
+        extras,
         checkpoint_resume,
         compiled,
     )

@@ -79,7 +79,7 @@ def _check_errors(results: list[dict], world: int) -> None:
 
 def test_two_ranks() -> None:
     names = [*EXACT, "off_diverges", "errors", "checkpoint_resume", "accumulation", "compiled",
-             "fsdp2_jacobian"]  # fmt: skip
+             "fsdp2_jacobian", "extras"]  # fmt: skip
     results = _harness.run(2, MODULE, names, timeout=420)
     _check_exact(results, 2)
     _check_errors(results, 2)
@@ -93,6 +93,14 @@ def test_two_ranks() -> None:
     for name in ("per_sample", "tasks"):
         assert _rel(acc[0][name], acc[0][f"{name}_ref"]) <= 1e-9
         assert _bitwise(acc[0][name], acc[1][name])
+    extras = _ok(results, "extras")
+    # AMP: identical ranks, and close to one process (bf16 forward: not bitwise).
+    assert _bitwise(extras[0]["amp_auto"], extras[1]["amp_auto"])
+    assert _rel(extras[0]["amp_auto"], extras[0]["amp_off"]) <= 2e-2
+    assert _rel(extras[0]["local_samples"], extras[0]["local_samples_ref"]) <= 1e-9
+    assert _bitwise(extras[0]["local_samples"], extras[1]["local_samples"])
+    for r in extras:
+        assert r["skip_untouched"] and r["skipped_steps"] == 1
     for r in _ok(results, "checkpoint_resume"):
         assert _bitwise(r["continued"], r["resumed"])
     assert _bitwise(results[0]["checkpoint_resume"]["resumed"],
