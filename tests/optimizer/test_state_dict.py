@@ -293,24 +293,34 @@ def test_distributed_checkpoint_save_and_load(tmp_path):
         set_optimizer_state_dict,
     )
 
-    ref_model, ref_opt = make(weighting=InverseNormWeighting())
+    # A stateful weighting: DCP carries the inner optimizer's part, the "jdoptim" entry goes
+    # next to it (the documented recipe).
+    ref_model, ref_opt = make()
     train(ref_model, ref_opt, range(6))
 
-    model, opt = make(weighting=InverseNormWeighting())
+    model, opt = make()
     train(model, opt, range(3))
     optim_state = get_optimizer_state_dict(model, opt)
+    assert set(optim_state) == {"state", "param_groups"}
     assert set(optim_state["state"]) == {name for name, _ in model.named_parameters()}
     dcp.save(
         {"model": get_model_state_dict(model), "optim": optim_state},
         checkpoint_id=str(tmp_path),
         no_dist=True,
     )
+    torch.save(opt.state_dict()["jdoptim"], tmp_path / "jdoptim.pt")
 
-    model, opt = make(weighting=InverseNormWeighting(), seed=7)
+    model, opt = make(seed=7)
+    train(model, opt, range(1))  # some weighting state, which the DCP load resets
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=str(tmp_path), no_dist=True)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt, state["optim"])
+    assert int(opt.weighting.step) == 0
+    opt.load_state_dict(
+        {**opt.optimizer.state_dict(), "jdoptim": torch.load(tmp_path / "jdoptim.pt")}
+    )
+    assert int(opt.weighting.step) == 3
     train(model, opt, range(3, 6))
     assert_same_params(model, ref_model)
 
