@@ -432,9 +432,19 @@ class JDOptimizer(torch.optim.Optimizer):
                 "Copy or pickle the model (and, for the inner optimizer's state, "
                 "`opt.state_dict()`) and build a new JDOptimizer on the copy."
             )
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        if self._jd_ids is not None:
+            # Partial JD names its parameters by id(), which a copy does not keep: carry the
+            # tensors themselves (copied along with the inner optimizer's) and re-key them.
+            state["_jd_ids"] = [
+                p for group in self.param_groups for p in group["params"] if id(p) in self._jd_ids
+            ]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if state.get("_jd_ids") is not None:
+            state["_jd_ids"] = frozenset(id(p) for p in state["_jd_ids"])
         self.__dict__.update(state)
         self._patch_step_function()
 

@@ -379,3 +379,21 @@ def test_copying_with_a_hook_based_engine_is_refused_clearly():
         copy.deepcopy(opt)
     with pytest.raises(TypeError, match="hook-based"):
         pickle.dumps(opt)
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, _pickle_round_trip], ids=["deepcopy", "pickle"])
+def test_a_copy_keeps_partial_jd(copier):
+    """`params=` (partial JD) names parameters of the original: the copy must name its own."""
+    model = mlp()
+    trunk = list(model[0].parameters())
+    opt = JDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        InverseNormWeighting(),
+        params=trunk,
+        other_params_grad="sum",
+    )
+    copy_model, copy_opt = copier((model, opt))
+    train(model, opt, range(2))
+    train(copy_model, copy_opt, range(2))
+    assert_same_params(model, copy_model)
+    assert copy_opt._split_params()[0] == list(copy_model[0].parameters())
