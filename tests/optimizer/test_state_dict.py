@@ -397,3 +397,14 @@ def test_a_copy_keeps_partial_jd(copier):
     train(copy_model, copy_opt, range(2))
     assert_same_params(model, copy_model)
     assert copy_opt._split_params()[0] == list(copy_model[0].parameters())
+
+
+def test_changing_the_weighting_loads_without_the_jd_entry():
+    model, opt = make()
+    train(model, opt, range(3))
+    sd = saved(opt)
+    _, other = make(weighting=InverseNormWeighting())
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_state_dict(sd)  # STCH's buffers do not fit InverseNormWeighting
+    other.load_state_dict({k: v for k, v in sd.items() if k != "jdoptim"})
+    assert_equal_trees(other.optimizer.state_dict()["state"], sd["state"])
