@@ -24,12 +24,9 @@ from ._functional import (
     jd_backward,
 )
 from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
-from .gramian import (
-    GramianEngine,
-    LayerwiseGramianEngine,
-    MultiTaskGramianEngine,
-    resolve_engine,
-)
+from .gramian import GramianEngine, resolve_engine
+from .gramian.layerwise import LayerwiseGramianEngine
+from .gramian.multitask import MultiTaskGramianEngine
 
 
 class _StepRecord:
