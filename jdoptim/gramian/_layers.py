@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._kernels import linear_gram_kernel
 
@@ -249,6 +250,11 @@ class Rule:
     #: Short name, shown in reports.
     name = "generic"
 
+    #: The direct parameters the rule differentiates. A module with any other direct parameter
+    #: (``weight_orig`` of ``prune``, ``weight_g``/``weight_v`` of ``weight_norm``) is not
+    #: covered by the rule (:func:`rule_for`).
+    params: tuple[str, ...] = ()
+
     def save(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         """What the forward hook keeps (detached)."""
         return args[0].detach()
@@ -278,6 +284,7 @@ def _wanted(pidx: dict[str, int], name: str, want: Want) -> int | None:
 
 class LinearRule(Rule):
     name = "linear"
+    params = ("weight", "bias")
 
     def factors(self, module, pidx, saved, D, dims, want):
         B, K = dims.B, dims.K
@@ -323,6 +330,7 @@ class ConvRule(Rule):
     """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, padding mode, dilation, groups)."""
 
     name = "conv"
+    params = ("weight", "bias")
 
     def valid(self, module, saved, output, dims):
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
@@ -357,6 +365,7 @@ class EmbeddingRule(Rule):
     """``nn.Embedding`` (not ``sparse``, not ``scale_grad_by_freq``: those use the fallback)."""
 
     name = "embedding"
+    params = ("weight",)
 
     def save(self, module, args, output):
         return args[0]
@@ -390,6 +399,7 @@ class AffineNormRule(Rule):
     """
 
     name = "affine_norm"
+    params = ("weight", "bias")
 
     def _channelwise(self, module: nn.Module) -> bool:
         return not isinstance(module, (nn.LayerNorm, _RMSNorm))
@@ -459,34 +469,91 @@ LINEAR, CONV, EMBEDDING, AFFINE_NORM, GENERIC = (
 )
 
 
-def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
-    """``module`` is a ``cls`` whose ``forward`` is ``cls.forward`` (subclasses that override it
-    may compute something else)."""
-    return isinstance(module, cls) and type(module).forward is cls.forward
+def _plain(module: nn.Module, cls: type[nn.Module], *methods: str) -> bool:
+    """``module`` is a ``cls`` that computes what ``cls`` computes: ``forward`` and the helper
+    ``methods`` it calls are ``cls``'s (a subclass may override them, e.g. ``_conv_forward``),
+    and no instance attribute replaces ``forward``."""
+    if not isinstance(module, cls) or "forward" in module.__dict__:
+        return False
+    kind = type(module)
+    return all(getattr(kind, m) is getattr(cls, m) for m in ("forward", *methods))
 
 
-def rule_for(module: nn.Module) -> Rule:
-    """The rule of ``module`` (:data:`GENERIC`: exact fallback, for anything not listed)."""
+_NORMS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.LayerNorm, ()),
+    (_RMSNorm, ()),
+    (nn.GroupNorm, ()),
+    (nn.InstanceNorm1d, ("_apply_instance_norm",)),
+    (nn.InstanceNorm2d, ("_apply_instance_norm",)),
+    (nn.InstanceNorm3d, ("_apply_instance_norm",)),
+    (nn.BatchNorm1d, ()),
+    (nn.BatchNorm2d, ()),
+    (nn.BatchNorm3d, ()),
+)
+
+
+def _type_rule(module: nn.Module) -> Rule:
     if _plain(module, nn.Linear):
         return LINEAR
-    if _plain(module, nn.Conv1d) or _plain(module, nn.Conv2d):
+    if _plain(module, nn.Conv1d, "_conv_forward") or _plain(module, nn.Conv2d, "_conv_forward"):
         return CONV
     if _plain(module, nn.Embedding):
         return GENERIC if module.sparse or module.scale_grad_by_freq else EMBEDDING
-    norms: tuple[type[nn.Module], ...] = (
-        nn.LayerNorm,
-        _RMSNorm,
-        nn.GroupNorm,
-        nn.InstanceNorm1d,
-        nn.InstanceNorm2d,
-        nn.InstanceNorm3d,
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-    )
-    if any(_plain(module, cls) for cls in norms):
+    if any(_plain(module, cls, *methods) for cls, methods in _NORMS):
         return AFFINE_NORM
     return GENERIC
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The rule of ``module`` (:data:`GENERIC`: exact fallback, for anything not listed).
+
+    A rule covers a module only when the module's direct parameters are exactly what the rule
+    differentiates: a parametrised module (``torch.nn.utils.parametrize``, the
+    ``parametrizations`` versions of ``weight_norm`` / ``spectral_norm``), or one with other
+    direct parameters (``prune``'s ``weight_orig``, the old ``weight_norm``'s ``weight_g`` /
+    ``weight_v``, the old ``spectral_norm``'s ``weight_orig``), is :data:`GENERIC`. What can
+    change after construction (forward pre-hooks, parameters swapped) is checked at every call
+    by :func:`exact_call`.
+    """
+    if parametrize.is_parametrized(module):
+        return GENERIC
+    rule = _type_rule(module)
+    if any(name not in rule.params for name in module._parameters):
+        return GENERIC
+    return rule
+
+
+def exact_call(module: nn.Module, cls: type, params: dict[str, object], hook: object) -> bool:
+    """Whether a call of ``module`` computes exactly what its rule assumes, checked when the
+    call happens (the forward hook ``hook`` runs).
+
+    ``cls`` and ``params`` are the module's class and direct parameters when the rule was
+    chosen: a later parametrisation changes the class, a later ``prune`` / ``weight_norm``
+    renames the parameters and adds a forward pre-hook. Any forward pre-hook (the module's or a
+    global one) may change the inputs or the parameters, and a forward hook that runs before
+    ``hook`` (a global one, or one registered earlier on the module) may change the output
+    the engine records, unless it is marked ``_jdoptim_passive`` (the engines' own hooks that
+    return nothing).
+    """
+    if type(module) is not cls or module._forward_pre_hooks or _global_pre_hooks():
+        return False
+    if any(not getattr(h, "_jdoptim_passive", False) for h in _global_hooks().values()):
+        return False
+    for h in module._forward_hooks.values():
+        if h is hook:
+            break
+        if not getattr(h, "_jdoptim_passive", False):
+            return False
+    current = module._parameters
+    return len(current) == len(params) and all(current.get(k) is v for k, v in params.items())
+
+
+def _global_pre_hooks() -> dict:
+    return nn.modules.module._global_forward_pre_hooks
+
+
+def _global_hooks() -> dict:
+    return nn.modules.module._global_forward_hooks
 
 
 def mixes_samples(module: nn.Module) -> bool:

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._base import GramianEngine, GramianResult
+from ._graph import graph_visible, input_node, used_outside
 from ._kernels import accumulation_dtype
 from ._layers import (
     GENERIC,
@@ -73,6 +74,7 @@ from ._layers import (
     LinearFactor,
     PerSample,
     Rule,
+    exact_call,
     mixes_samples,
     rule_for,
 )
@@ -86,13 +88,26 @@ class _Info:
 
     def __init__(self, name: str, module: nn.Module, rule: Rule, pidx: dict[str, int]) -> None:
         self.name, self.module, self.rule, self.pidx = name, module, rule, pidx
+        self.cls = type(module)
+        self.params = dict(module._parameters)
+        self.hook: object = None
 
 
 class _Record:
     """One call of a hooked module: what its rule saved, and its output (still in the graph)."""
 
-    def __init__(self, info: _Info, saved: Tensor, output: Tensor, version: int) -> None:
+    def __init__(
+        self, info: _Info, saved: Tensor, output: Tensor, version: int, stop: object | None
+    ) -> None:
         self.info, self.saved, self.output, self.version = info, saved, output, version
+        self.stop = stop  # the grad_fn of the call's input (eager only, see _graph)
+
+
+class _Inexact:
+    """A call of a covered module that its rule cannot differentiate (see ``exact_call``)."""
+
+    def __init__(self, info: _Info) -> None:
+        self.info = info
 
 
 class LayerwiseResult(GramianResult):
@@ -227,7 +242,7 @@ class LayerwiseGramianEngine(GramianEngine):
         self._index: dict[int, int] = {}
         self._infos: list[_Info] = []
         self._handles: list[RemovableHandle] = []
-        self._records: list[_Record | _Info] = []
+        self._records: list[_Record | _Inexact | _Info] = []
         self._generic: set[int] = set()  # engine indices of parameters only the fallback covers
         seen: set[int] = set()
         for root in modules:
@@ -257,7 +272,9 @@ class LayerwiseGramianEngine(GramianEngine):
             self._generic.update(pidx.values())
         if rule is GENERIC and not can_mix:
             return
-        self._handles.append(module.register_forward_hook(self._make_hook(info)))
+        hook = self._make_hook(info)
+        info.hook = hook
+        self._handles.append(module.register_forward_hook(hook))
 
     def _make_hook(self, info: _Info):
         def hook(module: nn.Module, args: tuple, output: object) -> object:
@@ -270,11 +287,16 @@ class LayerwiseGramianEngine(GramianEngine):
                 return None
             if not output.requires_grad:
                 return None
+            if not exact_call(module, info.cls, info.params, info.hook):
+                self._records.append(_Inexact(info))
+                return None
             saved = info.rule.save(module, args, output)
             version = -1 if torch.compiler.is_compiling() else output._version
-            self._records.append(_Record(info, saved, output, version))
+            self._records.append(_Record(info, saved, output, version, input_node(args)))
             return output.clone() if self.clone_outputs else None
 
+        # Returns nothing (the output is unchanged) unless it clones the outputs.
+        hook._jdoptim_passive = not self.clone_outputs  # type: ignore[attr-defined]
         return hook
 
     def remove(self) -> None:
@@ -361,6 +383,7 @@ class LayerwiseGramianEngine(GramianEngine):
         ``params``, from the calls stored since the last :meth:`compute` (which are dropped)."""
         records, self._records = self._records, []
         mixing = sorted({r.name for r in records if isinstance(r, _Info)})
+        inexact = [r.info for r in records if isinstance(r, _Inexact)]
         if mixing:
             raise ValueError(
                 "These modules mix the samples of a batch, so per-sample losses are not "
@@ -376,6 +399,8 @@ class LayerwiseGramianEngine(GramianEngine):
 
         # Which calls are per-sample; parameters of any other call go to the fallback.
         invalid: set[int] = set(self._generic)
+        for info in inexact:
+            invalid.update(info.pidx.values())
         valid: list[_Record] = []
         for r in calls:
             ok = (
@@ -396,6 +421,14 @@ class LayerwiseGramianEngine(GramianEngine):
                 )
         covered = {i for r in valid for i in r.info.pidx.values()} - invalid
         covered &= wanted
+        if covered and graph_visible():
+            # Claimed parameters that the losses also use outside the recorded calls.
+            uses = [
+                (r.output, r.stop, [self._params[i] for i in r.info.pidx.values() if i in covered])
+                for r in valid
+            ]
+            outside = used_outside([losses], uses)
+            covered -= {i for i in covered if id(self._params[i]) in outside}
 
         def want(i: int) -> bool:
             return i in covered
