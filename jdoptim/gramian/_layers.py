@@ -45,6 +45,9 @@ class Dims:
     B: int
     K: int
     batch_dim: int
+    """The batch dimension of the layers' inputs and outputs."""
+    loss_dim: int = 0
+    """The batch dimension of the losses."""
 
 
 def _flat(D: Tensor, B: int, K: int, p: int) -> Tensor:
