@@ -332,7 +332,7 @@ class LayerwiseGramianEngine(GramianEngine):
             raise ValueError("`losses` is empty.")
         if losses.ndim <= bd:
             hint = (
-                ' A single (0-d) loss is a mean over the batch: compute the loss with '
+                " A single (0-d) loss is a mean over the batch: compute the loss with "
                 'reduction="none" to get one loss per sample.'
                 if losses.ndim == 0
                 else ""
