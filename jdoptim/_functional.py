@@ -34,7 +34,8 @@ from .aggregation._base import (
     Weighting,
 )
 from .aggregation._checks import value_checks
-from .gramian import GramianEngine, to_generalized_gramian
+from .gramian import GramianEngine, accumulation_dtype, to_generalized_gramian
+from .gramian._scale import exponent, gram_shift, pow2
 
 NonFinitePolicy = Literal["raise", "skip", "propagate"]
 OtherParamsGrad = Literal["weighted", "sum"]
@@ -337,7 +338,12 @@ def _scalar_backward(
     retain_graph: bool,
 ) -> JDOutput:
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-    sq = [g.detach().float().square().sum() for g in grads if g is not None]
+    found = [g.detach() for g in grads if g is not None]
+    dtype = accumulation_dtype(*(g.dtype for g in found))
+    # |2^-s g|^2 (s = 0 unless the gradient is huge or tiny, see jdoptim.gramian._scale).
+    shift = gram_shift([exponent(g) for g in found], dtype, loss.device)
+    scale = pow2(-shift, dtype)
+    sq = [(g.to(dtype) * scale).square().sum() for g in found]
     gramian = torch.stack(sq).sum().reshape(1, 1) if sq else loss.new_zeros(1, 1).float()
     ok: Tensor | None = None
     if check:

@@ -34,6 +34,12 @@ class GramianResult(ABC):
     #: Whether :meth:`jacobian` is available (the full ``[M, n]`` Jacobian is in memory).
     materialized: bool = False
 
+    gramian_exponent: Tensor | None = None
+    """``None`` or an int 0-d tensor ``e``: the Gramian of the losses is
+    ``gramian * 2**e``. ``e = 0`` in the normal range; engines form the Gramian of gradients
+    scaled by a power of two when they are so large (or small) that it would overflow (or
+    underflow), see :mod:`jdoptim.gramian._scale`. The weighted gradient is never scaled."""
+
     @abstractmethod
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
         r"""Return :math:`J_p^\top w` for each parameter (``None`` where no loss reaches it).

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._kernels import linear_gram_kernel
+from ._scale import exponent, pow2
 
 _RMSNorm = getattr(nn, "RMSNorm", nn.LayerNorm)
 
@@ -69,11 +70,20 @@ class PerSample:
         for i, J in other.items():
             self.grads[i] = J if i not in self.grads else self.grads[i] + J
 
-    def gram(self, dims: Dims) -> Tensor | None:
+    def exponent(self) -> Tensor | None:
+        """Bound on the per-sample gradients: ``max|g| < 2**exponent()`` (see ``_scale``)."""
+        if not self.grads:
+            return None
+        return torch.stack([exponent(J) for J in self.grads.values()]).amax()
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor | None:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
         if not self.grads:
             return None
         BK = dims.B * dims.K
         J = torch.cat([J.reshape(BK, -1) for J in self.grads.values()], dim=1)
+        if shift is not None:
+            J = J * pow2(-shift, J.dtype)
         return (J @ J.mT).reshape(dims.B, dims.K, dims.B, dims.K)
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
@@ -154,26 +164,48 @@ class LinearFactor:
             out[self.bias] = self.D.sum(3).permute(1, 2, 0, 3).reshape(B, K, -1)
         return out
 
-    def gram(self, dims: Dims) -> Tensor:
+    def _input_exponent(self) -> Tensor:
+        """``y``: the inputs (and the bias's constant input 1) are below ``2**y``."""
+        e = exponent(self.A)
+        return e if self.bias is None else e.clamp(min=1)
+
+    def exponent(self) -> Tensor:
+        """Bound on the per-sample gradients (up to the factor ``T``): ``max|D| max|A|``."""
+        return exponent(self.D) + self._input_exponent()
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``: the inputs are
+        scaled by ``2**-y`` (below 1) and the output gradients by ``2**(y - shift)``."""
         G, B, T, d = self.A.shape
         K, p = dims.K, self.D.shape[-1]
+        A, D, one = self.A, self.D, None
+        if shift is not None:
+            y = self._input_exponent()
+            c = pow2(-y, A.dtype)  # the bias's input 1, scaled like the inputs
+            A = A * c
+            D = D * pow2(y - shift, D.dtype)
+            one = c * c
         kernel_first = _kernel_first(B, K, T, p) < _pairwise(B, K, T, p)
         kernel = linear_gram_kernel(self.A.device.type)
         if kernel is not None and not kernel_first:
-            # The fused Triton kernel of jdoptim.kernels (CUDA) forms the pairwise order.
-            return kernel(self.A, self.D, self.bias is not None)
-        Af = self.A.reshape(G, B * T, d)
+            # The fused Triton kernel of jdoptim.kernels (CUDA) forms the pairwise order; the
+            # bias is then one more input column (the kernel adds an unscaled 1).
+            if self.bias is not None and one is not None:
+                A = torch.cat([A, c.expand(*A.shape[:-1], 1)], dim=-1)
+                return kernel(A, D, False)
+            return kernel(A, D, self.bias is not None)
+        Af = A.reshape(G, B * T, d)
         AA = Af @ Af.mT
         if self.bias is not None:
-            AA = AA + 1
+            AA = AA + (1 if one is None else one)
         if kernel_first:
             # KD[g, c, l, (b, t), q] = sum_s AA[g, (b, t), (c, s)] D[g, c, l, s, q]; for B = 1
             # (multi-task losses over a whole batch) neither product copies D or KD.
             AAc = AA.reshape(G, B * T, B, T).permute(0, 2, 1, 3).unsqueeze(2)
-            KD = (AAc @ self.D).reshape(G, B, K, B, T * p).permute(0, 3, 1, 2, 4)
-            out = self.D.reshape(G, B, 1, K, T * p) @ KD.mT  # [g, b, c, k, l]
+            KD = (AAc @ D).reshape(G, B, K, B, T * p).permute(0, 3, 1, 2, 4)
+            out = D.reshape(G, B, 1, K, T * p) @ KD.mT  # [g, b, c, k, l]
             return out.sum(0).permute(0, 2, 1, 3)
-        Df = self.D.reshape(G, B * K * T, p)
+        Df = D.reshape(G, B * K * T, p)
         DD = Df @ Df.mT
         prod = DD.reshape(G, B, K, T, B, K, T) * AA.reshape(G, B, 1, T, B, 1, T)
         return prod.sum(dim=(0, 3, 6))
@@ -226,11 +258,17 @@ class EmbeddingFactor:
         J = self.D.new_zeros(B, K, self.V, p).scatter_add(2, index, self.D)
         return {self.weight: J.reshape(B, K, -1)}
 
-    def gram(self, dims: Dims) -> Tensor:
+    def exponent(self) -> Tensor:
+        """Bound on the per-sample gradients (up to the factor ``T``)."""
+        return exponent(self.D)
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
         B, K, T, p = self.D.shape
         flat = self.idx.reshape(B * T)
         same = (flat[:, None] == flat[None, :]).to(self.D.dtype)
-        Df = self.D.reshape(B * K * T, p)
+        D = self.D if shift is None else self.D * pow2(-shift, self.D.dtype)
+        Df = D.reshape(B * K * T, p)
         prod = (Df @ Df.mT).reshape(B, K, T, B, K, T) * same.reshape(B, 1, T, B, 1, T)
         return prod.sum(dim=(2, 5))
 

@@ -78,6 +78,7 @@ from ._layers import (
     mixes_samples,
     rule_for,
 )
+from ._scale import gram_shift
 
 Strategy = Literal["auto", "ghost", "materialize"]
 _STRATEGIES = ("auto", "ghost", "materialize")
@@ -492,15 +493,13 @@ class LayerwiseGramianEngine(GramianEngine):
                 next_slot += 1
 
         prepared = self._prepare(factors, pool)
-        G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=losses.device)
-        for f in prepared:
-            g = f.gram(dims)
-            if g is not None:
-                G = G + g
+        G, shift = scaled_gram(prepared, dims, dtype, losses.device)
         gramian = self._to_losses_order(G, losses.shape, dims)
-        return LayerwiseResult(
+        result = LayerwiseResult(
             gramian.detach(), params, fb_slots, prepared, dims, tuple(losses.shape), dtype
         )
+        result.gramian_exponent = 2 * shift
+        return result
 
     def _prepare(self, factors: list[Factor], pool: PerSample) -> list[Factor]:
         return prepare_factors(factors, pool, self.strategy)
@@ -527,6 +526,21 @@ class LayerwiseGramianEngine(GramianEngine):
     def report(self) -> dict[str, str]:
         """Which rule handles each hooked module (``"generic"``: exact batched-vjp fallback)."""
         return {info.name: info.rule.name for info in self._infos}
+
+
+def scaled_gram(
+    factors: list[Factor], dims: Dims, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``[B, K, B, K]`` Gramian of the factors' gradients scaled by ``2**-shift``, and the
+    shift (``0`` unless the gradients are huge or tiny: see :mod:`jdoptim.gramian._scale`)."""
+    bounds = [e for e in (f.exponent() for f in factors) if e is not None]
+    shift = gram_shift(bounds, dtype, device)
+    G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device)
+    for f in factors:
+        g = f.gram(dims, shift)
+        if g is not None:
+            G = G + g
+    return G, shift
 
 
 def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) -> list[Factor]:

@@ -66,6 +66,7 @@ from ._base import GramianEngine, GramianResult
 from ._graph import graph_visible, input_node, leaf_users, local_nodes, outside_of, reachable
 from ._kernels import accumulation_dtype
 from ._layers import Dims, Factor, LinearRule, PerSample, exact_call, rule_for
+from ._scale import gram_shift, pow2
 from ._vjp import chunked_batched_grad
 from .layerwise import Strategy, prepare_factors
 
@@ -378,17 +379,25 @@ class MultiTaskGramianEngine(GramianEngine):
         )
         prepared = prepare_factors(factors, pool, self.strategy)
         dims = Dims(B=1, K=m, batch_dim=0)
+        # The Gramian of the gradients scaled by 2^-shift (shift = 0 unless they are huge or
+        # tiny): it cannot overflow. The head blocks count in the shift too.
+        heads_only = PerSample({i: g.reshape(1, 1, -1) for i, (_, g) in head_grads.items()})
+        bounds = [e for e in (f.exponent() for f in [*prepared, heads_only]) if e is not None]
+        shift = gram_shift(bounds, dtype, losses.device)
         gramian = torch.zeros(m, m, dtype=dtype, device=losses.device)
         for f in prepared:
-            g = f.gram(dims)
+            g = f.gram(dims, shift)
             if g is not None:
                 gramian = gramian + g.reshape(m, m)
         if head_grads:
+            scale = pow2(-shift, dtype)
             sq = torch.zeros(m, dtype=dtype, device=losses.device)
             for k, g in head_grads.values():
-                sq = sq + eye[k].to(dtype) * g.to(dtype).pow(2).sum()
+                sq = sq + eye[k].to(dtype) * (g.to(dtype) * scale).pow(2).sum()
             gramian = gramian + torch.diag(sq)
-        return MultiTaskResult(gramian.detach(), params, prepared, head_grads, m, dtype)
+        result = MultiTaskResult(gramian.detach(), params, prepared, head_grads, m, dtype)
+        result.gramian_exponent = 2 * shift
+        return result
 
     def _escaped(
         self,
