@@ -42,6 +42,15 @@ class _StepRecord:
         self.pending_ok: Tensor | None = None
 
 
+def _batch_dim(batch_dim: int | None, engine: GramianEngine) -> int | None:
+    """The batch dimension of the losses: ``batch_dim``, else the engine's own (the model's)."""
+    if batch_dim is not None and (
+        isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0
+    ):
+        raise ValueError(f"`batch_dim` should be None or an int >= 0, but got {batch_dim!r}.")
+    return getattr(engine, "batch_dim", None) if batch_dim is None else batch_dim
+
+
 class JDOptimizer(torch.optim.Optimizer):
     r"""Wrap a torch optimizer so that it follows Jacobian descent on several losses.
 
@@ -78,7 +87,14 @@ class JDOptimizer(torch.optim.Optimizer):
         (:class:`~jdoptim.gramian.MultiTaskGramianEngine`): same update, far cheaper.
     :param model: the module whose layers the layer-wise engine hooks (per-sample losses).
     :param batch_dim: the batch dimension of per-sample losses (``losses`` of shape ``[B]`` or
-        ``[B, K]`` with ``batch_dim=0``): declares that loss ``b`` depends on sample ``b`` only.
+        ``[B, K]`` with ``batch_dim=0``, ``[K, B]`` or ``[T, B]`` with ``batch_dim=1``):
+        declares that the losses at index ``b`` of that dimension depend on sample ``b`` only.
+        Losses without that dimension (a 0-d mean: use ``reduction="none"``) raise
+        ``ValueError``, and so, with the layer-wise engine, does a dimension whose size no
+        hooked layer saw as its batch. ``None``: the engine's ``batch_dim`` when it has one.
+        ``engine="auto"`` / ``"layerwise"`` hook the model with the same batch dimension (a
+        sequence-first model for ``batch_dim=1``); for a batch-first model with ``[K, B]``
+        losses pass ``engine=LayerwiseGramianEngine(model, batch_dim=0)`` and ``batch_dim=1``.
     :param chunk_size: rows of the Jacobian per backward pass for the Jacobian engine (``None``:
         all at once; ``1``: no ``vmap``).
     :param nonfinite: what to do when the losses or the Gramian hold NaN/inf: ``"raise"``
@@ -157,6 +173,7 @@ class JDOptimizer(torch.optim.Optimizer):
             model=model,
             batch_dim=batch_dim,
         )
+        self.batch_dim = _batch_dim(batch_dim, self.engine)
         from ._functional import _OTHER, _POLICIES
 
         if nonfinite not in _POLICIES:
@@ -257,6 +274,7 @@ class JDOptimizer(torch.optim.Optimizer):
             other_params_grad=self.other_params_grad,
             nonfinite=self.nonfinite,
             retain_graph=retain_graph,
+            batch_dim=self.batch_dim,
         )
         record = self._record
         if out.skipped:
