@@ -439,6 +439,9 @@ class JDOptimizer(torch.optim.Optimizer):
         step the copied model. An engine that hooks the model's modules (layer-wise,
         multi-task) records into itself from those hooks, which a copy of the model would
         still call: such an optimizer refuses to be copied (build a new one on the copy).
+        In a distributed run the copy resolves its own communicator on its first backward;
+        a ``process_group`` given at construction is shared by ``deepcopy`` and cannot be
+        pickled (as torch's process groups).
         """
         if isinstance(self.engine, _HOOK_ENGINES):
             raise TypeError(
@@ -454,7 +457,24 @@ class JDOptimizer(torch.optim.Optimizer):
             state["_jd_ids"] = [
                 p for group in self.param_groups for p in group["params"] if id(p) in self._jd_ids
             ]
+        if state.get("_comm") is not None:
+            # The distributed step's communicator (jdoptim.distributed) holds a process group,
+            # which cannot be copied: the copy resolves its own on its first backward.
+            state["_comm"] = None
+            state["_comm_resolved"] = False
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> JDOptimizer:
+        # As pickling (`__getstate__`), except that a process group given to the distributed
+        # step is shared with the copy: it is a handle on the running processes, not state.
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        state = self.__getstate__()
+        group = state.get("process_group")
+        if group is not None:
+            memo.setdefault(id(group), group)
+        copied.__setstate__(copy.deepcopy(state, memo))
+        return copied
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
