@@ -93,5 +93,6 @@ def accumulate_gram(acc: Tensor, block: Tensor, scale: Tensor | None = None) -> 
         return kernel(acc, block if scale is None else block * scale.to(block.dtype))
     b = block.to(acc.dtype)
     if scale is not None:
-        b = b * scale.to(acc.dtype)
+        s = scale.to(acc.dtype)
+        b = b.mul_(s) if block.dtype != acc.dtype else b * s  # in place on the upcast copy
     return torch.addmm(acc, b, b.mT)

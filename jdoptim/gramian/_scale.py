@@ -65,7 +65,8 @@ def exponent(x: Tensor) -> Tensor:
     """
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.int32, device=x.device)
-    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf")).float()
+    x = x.detach()  # amax and amin: far faster than vector_norm(ord=inf), even aminmax, on CPU
+    amax = torch.maximum(x.amax().float(), -x.amin().float())
     return torch.frexp(amax).exponent
 
 

@@ -107,3 +107,23 @@ def test_the_fused_kernel_path_is_scaled_too() -> None:
         test_scaled_losses_scale_the_results_exactly("layerwise", "ghost")
     finally:
         register_linear_gram_kernel("cpu", None)
+
+
+def test_bfloat16_jacobian_blocks() -> None:
+    """bf16 Jacobians (float32 range, float32 Gramian): scaled on the upcast copy, which is
+    the only one changed (the Jacobian itself is not)."""
+    from jdoptim.gramian import JacobianResult
+
+    torch.manual_seed(3)
+    J = torch.randn(3, 5).to(torch.bfloat16)
+    params = [torch.zeros(5, dtype=torch.bfloat16)]
+    G0 = JacobianResult(params, [J], 3).gramian
+    big = J * 2.0**100
+    kept = big.clone()
+    result = JacobianResult(params, [big], 3)
+    assert torch.equal(big, kept)
+    e = int(result.gramian_exponent)
+    assert e > 0
+    torch.testing.assert_close(
+        result.gramian.double(), G0.double() * 2.0 ** (200 - e), rtol=0, atol=0
+    )
