@@ -34,8 +34,9 @@ from .aggregation._base import (
     Weighting,
 )
 from .aggregation._checks import value_checks
-from .distributed import batch_slice, to_param_layout
-from .gramian import GramianEngine, to_generalized_gramian
+from .distributed import batch_slice, check_sharded_grads, to_param_layout
+from .gramian import GramianEngine, accumulation_dtype, to_generalized_gramian
+from .gramian._scale import exponent, gram_shift, pow2
 
 if TYPE_CHECKING:
     from .distributed import Communicator
@@ -146,6 +147,30 @@ def check_losses(losses: Tensor) -> None:
         )
 
 
+def check_batch_dim(losses: Tensor, batch_dim: int | None) -> None:
+    """Raise ``ValueError`` when ``losses`` has no dimension ``batch_dim`` (static shapes only).
+
+    >>> import torch
+    >>> check_batch_dim(torch.ones(3, 2), 1)
+    >>> check_batch_dim(torch.tensor(1.0), 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `losses` is a single (0-d) loss, but batch_dim=0 declares per-sample losses...
+    """
+    if batch_dim is None:
+        return
+    if losses.ndim == 0:
+        raise ValueError(
+            f"`losses` is a single (0-d) loss, but batch_dim={batch_dim} declares per-sample "
+            'losses: compute the loss with reduction="none" (e.g. F.cross_entropy(logits, y, '
+            'reduction="none")) so that it has one entry per sample.'
+        )
+    if losses.ndim <= batch_dim:
+        raise ValueError(
+            f"`losses` of shape {tuple(losses.shape)} has no dimension batch_dim={batch_dim}."
+        )
+
+
 @dataclass
 class JDOutput:
     """What :func:`jd_backward` did."""
@@ -191,8 +216,8 @@ def jd_backward(
     other_params_grad: OtherParamsGrad = "weighted",
     nonfinite: NonFinitePolicy = "raise",
     retain_graph: bool = False,
-    comm: Communicator | None = None,
     batch_dim: int | None = None,
+    comm: Communicator | None = None,
     engine_params: Sequence[Tensor] | None = None,
 ) -> JDOutput:
     r"""Accumulate the Jacobian-descent gradient of ``losses`` into ``.grad`` (steps 1–3 of the
@@ -212,10 +237,14 @@ def jd_backward(
         under ``torch.compile`` it is not read here: the gradients are written masked and the
         flag is returned in ``ok``.
     :param retain_graph: keep the graph of ``losses`` after the call.
+    :param batch_dim: the dimension of ``losses`` that indexes samples, when the losses are
+        per-sample (``None``: they are not declared so). ``losses`` must have that dimension:
+        a 0-d loss (a mean, i.e. a forgotten ``reduction="none"``) raises ``ValueError``. An
+        engine with :attr:`~jdoptim.gramian.GramianEngine.shaped_losses` gets ``losses`` as
+        they are and ``batch_dim``, any other engine the flat vector.
     :param comm: distributed step (:mod:`jdoptim.distributed`): ``None`` (single process),
-        or a communicator in ``"global"`` or ``"local"`` mode.
-    :param batch_dim: per-sample losses' batch dimension (for the global mode; the engines
-        that know it, e.g. the layer-wise one, use their own).
+        or a communicator in ``"global"`` or ``"local"`` mode. In the global mode
+        ``batch_dim`` also says how the ranks' losses concatenate (``None``: batch means).
     :param engine_params: the tensors the engine differentiates in place of ``params`` (FSDP2:
         the unsharded parameters of the sharded ``params``); ``None``: ``params``.
 
@@ -235,6 +264,7 @@ def jd_backward(
         raise ValueError(
             f"`other_params_grad` should be one of {_OTHER}, but got {other_params_grad!r}."
         )
+    check_batch_dim(losses, batch_dim)
     params = list(params)
     other_params = list(other_params)
     if not params and not other_params:
@@ -252,8 +282,13 @@ def jd_backward(
     if not params:
         raise ValueError("Jacobian descent needs at least one JD parameter requiring grad.")
     flat = losses.reshape(-1)
+    keep = retain_graph or bool(other_params)
     differentiated = params if engine_params is None else list(engine_params)
-    result = engine.compute(flat, differentiated, retain_graph=retain_graph or bool(other_params))
+    if engine.shaped_losses:  # the losses as they are, and which dimension is the batch
+        extra = {} if batch_dim is None else {"batch_dim": batch_dim}
+        result = engine.compute(losses, differentiated, retain_graph=keep, **extra)
+    else:
+        result = engine.compute(flat, differentiated, retain_graph=keep)
     glob = comm is not None and comm.mode == "global"
     shape = losses.shape
     sizes: list[int] | None = None
@@ -330,6 +365,8 @@ def jd_backward(
         everything = _reduce_grads(comm, params + other_params, [*grads, *other_grads], "avg")
         grads, other_grads = everything[: len(params)], everything[len(params) :]
 
+    if comm is not None and engine_params is None:  # FSDP2 + layer-wise engine
+        check_sharded_grads(params, grads)
     for p, g in zip(params + other_params, list(grads) + list(other_grads), strict=True):
         if g is not None:
             if comm is not None:  # sharded parameters (FSDP2): this rank's shard
@@ -362,7 +399,12 @@ def _scalar_backward(
     if comm is not None:  # one loss: the mean over ranks is DDP's step in every mode
         grads = tuple(_reduce_grads(comm, params, grads, "avg"))
         loss = comm.reduce([loss.detach()], "avg")[0]
-    sq = [g.detach().float().square().sum() for g in grads if g is not None]
+    found = [g.detach() for g in grads if g is not None]
+    dtype = accumulation_dtype(*(g.dtype for g in found))
+    # |2^-s g|^2 (s = 0 unless the gradient is huge or tiny, see jdoptim.gramian._scale).
+    shift = gram_shift([exponent(g) for g in found], dtype, loss.device)
+    scale = pow2(-shift, dtype)
+    sq = [(g.to(dtype) * scale).square().sum() for g in found]
     gramian = torch.stack(sq).sum().reshape(1, 1) if sq else loss.new_zeros(1, 1).float()
     ok: Tensor | None = None
     if check:

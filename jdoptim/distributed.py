@@ -340,6 +340,24 @@ def fsdp2_unsharded(model: object | None, params: Sequence[Tensor]) -> dict[int,
     return found
 
 
+def check_sharded_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """Raise when a sharded (DTensor) parameter got no gradient: the engine differentiated the
+    sharded parameter itself, which FSDP2 keeps out of the autograd graph (e.g. the layer-wise
+    engine's exact fallback for a layer it does not cover), so the update would silently miss
+    it. Every rank raises the same error (the cause is structural)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return
+    missing = [i for i, (p, g) in enumerate(zip(params, grads, strict=True))
+               if g is None and isinstance(p, dtensor)]  # fmt: skip
+    if missing:
+        raise TypeError(
+            f"Sharded (FSDP2) parameters {missing} got no gradient: the engine could not "
+            "differentiate them through FSDP2 (a layer the layer-wise engine does not cover, or "
+            "a parameter the losses do not use). Nothing was written."
+        )
+
+
 def to_param_layout(param: Tensor, grad: Tensor) -> Tensor:
     """``grad`` (the same full tensor on every rank) laid out like ``param``: for a DTensor
     parameter (FSDP2) this rank's shard, cut locally without communication."""
@@ -380,6 +398,7 @@ __all__ = [
     "DistributedMode",
     "batch_slice",
     "check_sharded",
+    "check_sharded_grads",
     "fsdp2_unsharded",
     "check_supported",
     "to_param_layout",

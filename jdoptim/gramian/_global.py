@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from ._layers import Dims, EmbeddingFactor, Factor, LinearFactor, PerSample
@@ -62,7 +61,7 @@ def gather_batch(
         else:
             out.append(PerSample({i: next(gathered) for i in f.grads}))
     B = sum(sizes) if sizes is not None else dims.B * comm.world_size
-    return out, Dims(B=B, K=dims.K, batch_dim=dims.batch_dim), glob_extra
+    return out, Dims(B=B, K=dims.K, batch_dim=dims.batch_dim, loss_dim=dims.loss_dim), glob_extra
 
 
 def _ring_cheaper_to_gather(f: LinearFactor, R: int) -> bool:
@@ -119,13 +118,3 @@ def reduce_mean(
     if keys:
         out.append(PerSample(dict(zip(keys, reduced[len(extra) :], strict=True))))
     return out, reduced[: len(extra)]
-
-
-def gram_of(factors: list[Factor], dims: Dims, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[B, K, B, K]`` Gramian of ``factors``."""
-    G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device)
-    for f in factors:
-        g = f.gram(dims)
-        if g is not None:
-            G = G + g
-    return G
