@@ -497,6 +497,12 @@ class JDOptimizer(torch.optim.Optimizer):
                 "Copy or pickle the model (and, for the inner optimizer's state, "
                 "`opt.state_dict()`) and build a new JDOptimizer on the copy."
             )
+        if getattr(self, "_fsdp2", None) is not None:
+            raise TypeError(
+                "A JDOptimizer over FSDP2 (sharded) parameters cannot be copied or pickled: it "
+                "refers to the fully_shard modules' unsharded parameters. Save "
+                "`opt.state_dict()` and build a new JDOptimizer."
+            )
         state = self.__dict__.copy()
         if self._jd_ids is not None:
             # Partial JD names its parameters by id(), which a copy does not keep: carry the
@@ -527,6 +533,10 @@ class JDOptimizer(torch.optim.Optimizer):
         state = dict(state)
         if state.get("_jd_ids") is not None:
             state["_jd_ids"] = frozenset(id(p) for p in state["_jd_ids"])
+        # Objects pickled before the distributed step existed.
+        for key, default in (("distributed", "auto"), ("process_group", None), ("_comm", None),
+                             ("_comm_resolved", False), ("_fsdp2", None)):  # fmt: skip
+            state.setdefault(key, default)
         self.__dict__.update(state)
         self._patch_step_function()
 

@@ -7,6 +7,7 @@ batch (or, for the local mode, its own definition).
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -316,6 +317,10 @@ def fsdp2_jacobian(rank: int, world: int) -> dict:
             opt.zero_grad()
             opt.step(_mse_tasks(model, _shard(x, rank, [4] * world), _shard(y, rank, [4] * world)))
         out[name] = [p.full_tensor() for p in model.parameters()]
+        try:
+            copy.deepcopy(opt)
+        except TypeError as error:
+            out["copy_error"] = str(error)
         if rank == 0:
             ref = _mlp()
             ref_opt = JDOptimizer(_inner(ref, "adam"), weighting, distributed="off")
