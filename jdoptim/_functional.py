@@ -361,12 +361,12 @@ def jd_backward(
         if glob:  # the other parameters' gradient of the global weighted loss
             op = "avg" if batch_dim is None else "sum"
             other_grads = _reduce_grads(comm, other_params, other_grads, op)  # type: ignore[arg-type]
+    if comm is not None and engine_params is None:  # FSDP2 + layer-wise engine
+        check_sharded_grads(params, grads)
     if comm is not None and not glob:  # local mode: average the JD gradients, as DDP
         everything = _reduce_grads(comm, params + other_params, [*grads, *other_grads], "avg")
         grads, other_grads = everything[: len(params)], everything[len(params) :]
 
-    if comm is not None and engine_params is None:  # FSDP2 + layer-wise engine
-        check_sharded_grads(params, grads)
     for p, g in zip(params + other_params, list(grads) + list(other_grads), strict=True):
         if g is not None:
             if comm is not None:  # sharded parameters (FSDP2): this rank's shard
@@ -381,7 +381,10 @@ def _reduce_grads(
 ) -> list[Tensor | None]:
     """Sum or average gradients over ranks in one bucket (``None``: zeros, as DDP does for
     a parameter that no loss reaches on some rank)."""
-    full = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    full = [
+        torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g  # full size
+        for p, g in zip(params, grads, strict=True)
+    ]
     if not full:
         return []
     return list(comm.reduce(full, op))  # type: ignore[arg-type]

@@ -280,6 +280,33 @@ def fsdp2_layerwise(rank: int, world: int) -> dict:
             ref_opt.zero_grad()
             ref_opt.step(_mse_samples(ref, x, y))
         out["ref"] = _params(ref)
+    # The local mode on sharded parameters: per-rank JD, averaged, each rank's shard written.
+    model = sharded()
+    opt = JDOptimizer(
+        _inner(model, "sgd"), UPGradWeighting(), model=model, batch_dim=0, distributed="local"
+    )
+    for step in range(2):
+        x, y = _batch(step, 4 * world)
+        opt.zero_grad()
+        opt.step(_mse_samples(model, _shard(x, rank, [4] * world), _shard(y, rank, [4] * world)))
+    out["local"] = [p.full_tensor() for p in model.parameters()]
+    if rank == 0:
+        ref = _mlp()
+        ref_opt = JDOptimizer(
+            _inner(ref, "sgd"), UPGradWeighting(), model=ref, batch_dim=0, distributed="off"
+        )
+        for step in range(2):
+            x, y = _batch(step, 4 * world)
+            grads = []
+            for r in range(world):
+                ref_opt.zero_grad()
+                ref_opt.backward(_mse_samples(ref, _shard(x, r, [4] * world),
+                                              _shard(y, r, [4] * world)))  # fmt: skip
+                grads.append([p.grad.clone() for p in ref.parameters()])
+            for i, p in enumerate(ref.parameters()):
+                p.grad = sum(g[i] for g in grads) / world
+            ref_opt.step()
+        out["local_ref"] = _params(ref)
     try:
         model = sharded()
         engine = MultiTaskGramianEngine(model[0], [model[2]])

@@ -109,6 +109,8 @@ def test_two_ranks() -> None:
     fsdp2 = _ok(results, "fsdp2_layerwise")
     assert fsdp2[0]["shard_types"] == ["DTensor"]
     assert "supported with the layer-wise engine" in fsdp2[0]["multitask_error"]
+    assert _rel(fsdp2[0]["local"], fsdp2[0]["local_ref"]) <= 1e-9
+    assert _bitwise(fsdp2[0]["local"], fsdp2[1]["local"])
     assert "pass the fully_shard model as `model=`" in fsdp2[0]["no_model_error"]
     jac = _ok(results, "fsdp2_jacobian")
     assert "FSDP2 (sharded) parameters cannot be copied" in jac[0]["copy_error"]
