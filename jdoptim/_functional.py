@@ -298,7 +298,12 @@ def jd_backward(
         if result.batch_dim is not None:
             batch_dim = result.batch_dim
         sizes = comm.loss_shapes(losses, batch_dim)
-        result, seen = result.to_global(comm, losses, batch_dim, sizes)
+        sharded = engine_params is not None and batch_dim is None
+        if sharded and strategy.aggregator is None and hasattr(result, "to_shards"):
+            # FSDP2, batch-mean losses, a Gramian weighting: each rank keeps its shard of J.
+            result, seen = result.to_shards(comm, losses, params)
+        else:
+            result, seen = result.to_global(comm, losses, batch_dim, sizes)
         shape = seen.shape
     gramian = result.gramian.detach()
 

@@ -136,6 +136,29 @@ class Communicator:
                 out[i] = piece.reshape(tensors[i].shape)
         return out  # type: ignore[return-value]
 
+    def reduce_scatter(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Sum over ranks of each ``tensor`` (first dimension ``R c``), of which this rank
+        keeps rows ``[rank c, (rank + 1) c)`` (one bucket per dtype)."""
+        from torch.distributed import _functional_collectives as funcol
+
+        R = self.world_size
+        out: list[Tensor | None] = [None] * len(tensors)
+        for _dtype, idx in _by_dtype(tensors).items():
+            flat = torch.cat([tensors[i].reshape(R, -1) for i in idx], dim=1).reshape(-1)
+            self._count("reduce_scatter", flat.numel() * flat.element_size())
+            mine = self._wait(funcol.reduce_scatter_single(flat, "sum", 0, self.group))
+            sizes = [tensors[i].numel() // R for i in idx]
+            for i, piece in zip(idx, mine.split(sizes), strict=True):
+                out[i] = piece.reshape(tensors[i].shape[0] // R, *tensors[i].shape[1:])
+        return out  # type: ignore[return-value]
+
+    def max(self, tensor: Tensor) -> Tensor:
+        """The elementwise maximum over ranks."""
+        from torch.distributed import _functional_collectives as funcol
+
+        self._count("all_reduce", tensor.numel() * tensor.element_size())
+        return self._wait(funcol.all_reduce(tensor, "max", self.group))
+
     def gather(
         self,
         tensors: Sequence[Tensor],

@@ -344,6 +344,7 @@ def fsdp2_jacobian(rank: int, world: int) -> dict:
             opt.zero_grad()
             opt.step(_mse_tasks(model, _shard(x, rank, [4] * world), _shard(y, rank, [4] * world)))
         out[name] = [p.full_tensor() for p in model.parameters()]
+        out[f"{name}_ops"] = sorted(opt.communicator.stats)
         try:
             copy.deepcopy(opt)
         except TypeError as error:

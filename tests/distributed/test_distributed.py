@@ -114,6 +114,10 @@ def test_two_ranks() -> None:
     assert "pass the fully_shard model as `model=`" in fsdp2[0]["no_model_error"]
     jac = _ok(results, "fsdp2_jacobian")
     assert "FSDP2 (sharded) parameters cannot be copied" in jac[0]["copy_error"]
+    # UPGrad: the shard-wise route (reduce-scatter J, all-reduce the partial Gramians);
+    # ConFIG needs the whole Jacobian (all-reduce).
+    assert "reduce_scatter" in jac[0]["upgrad_ops"]
+    assert "reduce_scatter" not in jac[0]["config_ops"]
     for name in ("upgrad", "config"):
         assert _rel(jac[0][name], jac[0][f"{name}_ref"]) <= 1e-9, name
         assert _bitwise(jac[0][name], jac[1][name]), name
