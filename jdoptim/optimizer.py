@@ -312,7 +312,7 @@ class JDOptimizer(torch.optim.Optimizer):
             nonfinite=self.nonfinite,
             retain_graph=retain_graph,
             comm=self._comm,
-            batch_dim=self.batch_dim,
+            batch_dim=getattr(self, "batch_dim", None),
             engine_params=None if self._fsdp2 is None else self._unsharded(jd),
         )
         record = self._record
