@@ -153,7 +153,7 @@ class JacobianResult(GramianResult):
         scale = pow2(-shift, dtype)
         partial = torch.zeros(m, m, dtype=dtype, device=device)
         for block in blocks:
-            partial = accumulate_gram(partial, block, scale)
+            partial = accumulate_gram(partial, block * scale.to(block.dtype))
         summed, glob = comm.reduce([partial, losses.detach().reshape(-1)], "sum")
         result = ShardedJacobianResult(list(shards), blocks, summed, m)
         result.gramian_exponent = 2 * shift
