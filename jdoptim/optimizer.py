@@ -167,6 +167,14 @@ class JDOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, JDOptimizer):
             raise TypeError("`optimizer` is already a JDOptimizer.")
+        if distributed not in ("auto", "global", "local", "off"):
+            raise ValueError(
+                "`distributed` should be one of ('auto', 'global', 'local', 'off'), but got "
+                f"{distributed!r}."
+            )
+        every = [p for g in optimizer.param_groups for p in g["params"]]
+        if distributed != "off":
+            check_supported(every, model)  # DeepSpeed, FSDP1
         # Deliberately not calling Optimizer.__init__: param_groups/state/defaults are the inner
         # optimizer's (properties below). Only the hook registries it would create are needed.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -215,20 +223,18 @@ class JDOptimizer(torch.optim.Optimizer):
             _configure_compile()
 
         self._record = _StepRecord()
-        if distributed not in ("auto", "global", "local", "off"):
-            raise ValueError(
-                "`distributed` should be one of ('auto', 'global', 'local', 'off'), but got "
-                f"{distributed!r}."
-            )
         self.distributed: DistributedMode = distributed
         self.process_group = process_group
         self._comm_resolved = distributed == "off"
         self._comm = None
-        every = [p for g in optimizer.param_groups for p in g["params"]]
-        if distributed != "off":
-            check_supported(every, model)
-        check_sharded(every, self.engine, distributed)
-        self._fsdp2 = None if self.engine.name != "jacobian" else fsdp2_unsharded(model, every)
+        try:
+            check_sharded(every, self.engine, distributed)
+            jacobian = self.engine.name == "jacobian"
+            self._fsdp2 = fsdp2_unsharded(model, every) if jacobian else None
+        except TypeError:
+            if not isinstance(engine, GramianEngine) and hasattr(self.engine, "remove"):
+                self.engine.remove()  # the hooks of an engine built here
+            raise
 
     # -- monitoring ------------------------------------------------------------------------------
     @property
