@@ -46,8 +46,16 @@ directly). A module called several times (shared / tied layers) sums its calls: 
 concatenated, so the cross terms between calls are exact; a parameter reached through
 different rules (an embedding tied to a linear head) is materialised.
 
-Limits: a parameter used *outside* its module's ``forward`` (``F.linear(x, emb.weight)``) by a
-covered module is not seen; modules that mix samples make per-sample losses non-separable:
+A rule covers a module only when it differentiates exactly the module's parameters
+(:func:`~jdoptim.gramian._layers.rule_for`, checked again at every call by
+:func:`~jdoptim.gramian._layers.exact_call`): pruned, weight- or spectral-normed, parametrised
+modules, subclasses that override the computation, and calls with forward (pre-)hooks that may
+change them take the fallback. So does a claimed parameter that the losses also use outside its
+module's calls (``F.linear(x, emb.weight)``), found from the autograd graph in eager mode
+(:mod:`jdoptim.gramian._graph`; under ``torch.compile`` the graph is hidden and this one check
+does not run).
+
+Limits: modules that mix samples make per-sample losses non-separable:
 ``BatchNorm*`` with batch statistics raises, other mixing (attention across the batch, a
 ``x - x.mean(0)``) cannot be detected. Module outputs must not be modified in place (e.g.
 ``ReLU(inplace=True)`` right after a ``Linear``): that raises, unless ``clone_outputs=True``.
