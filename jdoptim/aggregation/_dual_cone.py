@@ -9,10 +9,20 @@ import torch
 from torch import Tensor
 
 from ..solvers.dual_cone import Solver, check_non_negative, check_solver, project_weights
-from ._base import GramianWeightedAggregator, Stateful, Weighting
+from ._base import GramianWeightedAggregator, Param, Stateful, Weighting
 from ._format import pref_vector_to_str_suffix
-from ._pref import pref_vector_to_weighting
+from ._pref import pref_vector_param
 from .mean import MeanWeighting
+
+
+def _non_negative(name: str, value: float) -> float:
+    check_non_negative(name, value)
+    return value
+
+
+def _checked_solver(solver: Solver) -> Solver:
+    check_solver(solver)
+    return solver
 
 
 class DualConeWeighting(Weighting, Stateful):
@@ -23,6 +33,11 @@ class DualConeWeighting(Weighting, Stateful):
     """
 
     differentiable = False
+    pref_vector = pref_vector_param(MeanWeighting)
+    norm_eps = Param(lambda v: _non_negative("norm_eps", v))
+    reg_eps = Param(lambda v: _non_negative("reg_eps", v))
+    solver = Param(lambda v: _checked_solver(v))
+    warm_start = Param(bool)
 
     def __init__(
         self,
@@ -33,10 +48,7 @@ class DualConeWeighting(Weighting, Stateful):
         warm_start: bool = False,
     ) -> None:
         super().__init__()
-        check_non_negative("norm_eps", norm_eps)
-        check_non_negative("reg_eps", reg_eps)
-        check_solver(solver)
-        self.weighting = pref_vector_to_weighting(pref_vector, default=MeanWeighting())
+        self.pref_vector = pref_vector
         self.norm_eps = norm_eps
         self.reg_eps = reg_eps
         self.solver = solver
@@ -74,6 +86,11 @@ class DualConeAggregator(GramianWeightedAggregator):
 
     differentiable = False
     weighting_class: ClassVar[type[DualConeWeighting]]
+    pref_vector = Param(forward="gramian_weighting")
+    norm_eps = Param(forward="gramian_weighting")
+    reg_eps = Param(forward="gramian_weighting")
+    solver = Param(forward="gramian_weighting")
+    warm_start = Param(forward="gramian_weighting")
 
     def __init__(
         self,
@@ -84,15 +101,14 @@ class DualConeAggregator(GramianWeightedAggregator):
         warm_start: bool = False,
     ) -> None:
         super().__init__(self.weighting_class(pref_vector, norm_eps, reg_eps, solver, warm_start))
-        self._pref_vector = pref_vector
 
     def __repr__(self) -> str:
         w = self.gramian_weighting
         extra = ", warm_start=True" if w.warm_start else ""
         return (
-            f"{self.__class__.__name__}(pref_vector={self._pref_vector!r}, norm_eps="
+            f"{self.__class__.__name__}(pref_vector={self.pref_vector!r}, norm_eps="
             f"{w.norm_eps}, reg_eps={w.reg_eps}, solver={w.solver!r}{extra})"
         )
 
     def __str__(self) -> str:
-        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self._pref_vector)}"
+        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self.pref_vector)}"
