@@ -42,16 +42,22 @@ from .aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from .cagrad import CAGrad, CAGradWeighting
 from .config import ConFIG
 from .constant import Constant, ConstantWeighting
+from .crmogm import CRMOGMWeighting
 from .dualproj import DualProj, DualProjWeighting
+from .excess_mtl import ExcessMTL, ExcessMTLWeighting
+from .fairgrad import FairGrad, FairGradWeighting
 from .flattening import Flattening
 from .graddrop import GradDrop
+from .gradvac import GradVac, GradVacWeighting
 from .imtl_g import IMTLG, IMTLGWeighting
 from .krum import Krum, KrumWeighting
 from .mean import Mean, MeanWeighting
 from .mgda import MGDA, MGDAWeighting
+from .modo import MoDoWeighting
 from .nash_mtl import NashMTL
 from .pcgrad import PCGrad, PCGradWeighting
 from .random import Random, RandomWeighting
+from .sdmgrad import SDMGradWeighting
 from .stch import STCH, STCHWeighting
 from .sum import Sum, SumWeighting
 from .trimmed_mean import TrimmedMean
@@ -63,14 +69,21 @@ __all__ = [
     "AlignedMTLWeighting",
     "CAGrad",
     "CAGradWeighting",
+    "CRMOGMWeighting",
     "ConFIG",
     "Constant",
     "ConstantWeighting",
     "DualProj",
     "DualProjWeighting",
+    "ExcessMTL",
+    "ExcessMTLWeighting",
+    "FairGrad",
+    "FairGradWeighting",
     "Flattening",
     "GeneralizedWeighting",
     "GradDrop",
+    "GradVac",
+    "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLG",
     "IMTLGWeighting",
@@ -80,11 +93,13 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoDoWeighting",
     "NashMTL",
     "PCGrad",
     "PCGradWeighting",
     "Random",
     "RandomWeighting",
+    "SDMGradWeighting",
     "STCH",
     "STCHWeighting",
     "Stateful",

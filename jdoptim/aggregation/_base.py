@@ -196,6 +196,12 @@ class WeightedAggregator(Aggregator):
     def combine(self, weights: Tensor, matrix: Tensor) -> Tensor:
         return weights @ matrix
 
+    def reset(self) -> None:
+        """Reset the inner weighting when it is :class:`Stateful` (a no-op otherwise)."""
+        inner = getattr(self, "gramian_weighting", self.weighting)
+        if isinstance(inner, Stateful):
+            inner.reset()
+
     def forward(self, matrix: Tensor, /) -> Tensor:
         return self.combine(self.weighting(matrix), matrix)
 
