@@ -55,6 +55,7 @@ from .mean import Mean, MeanWeighting
 from .mgda import MGDA, MGDAWeighting
 from .modo import MoDoWeighting
 from .nash_mtl import NashMTL
+from .pcd import PCD, PCDWeighting
 from .pcgrad import PCGrad, PCGradWeighting
 from .random import Random, RandomWeighting
 from .sdmgrad import SDMGradWeighting
@@ -95,6 +96,8 @@ __all__ = [
     "MeanWeighting",
     "MoDoWeighting",
     "NashMTL",
+    "PCD",
+    "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",

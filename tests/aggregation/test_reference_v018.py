@@ -34,7 +34,7 @@ from ..reference_v018 import (
     tolerance,
 )
 
-RECORDS = [r for r in records("aggregation") if "PCD" not in r["ctor"]]
+RECORDS = records("aggregation")
 WA = agg.WeightedAggregator
 
 # FairGrad has no positive root on these inputs (a zero Gramian, opposite rows): torchjd's
@@ -135,9 +135,7 @@ def test_record(r: dict) -> None:
         _check_sequence(r)
 
 
-@pytest.mark.parametrize(
-    "key", [k for k in load()["reprs"] if k.startswith("aggregation:") and "PCD" not in k]
-)
+@pytest.mark.parametrize("key", [k for k in load()["reprs"] if k.startswith("aggregation:")])
 def test_repr_and_str(key: str) -> None:
     obj = build(key.removeprefix("aggregation:"), torch.float32, agg)
     assert repr(obj) == load()["reprs"][key]["repr"]
