@@ -43,7 +43,6 @@ def pcd_dual_qp(
     eye = torch.eye(n, dtype=dtype, device=device)
     index = torch.arange(n, device=device)
     inf = torch.tensor(torch.inf, dtype=dtype, device=device)
-    diag = gramian.diagonal()
 
     def step(
         mu: Tensor,
@@ -60,25 +59,29 @@ def pcd_dual_qp(
         sigma = torch.where(active, 0.0, gramian @ mu - b)
         picked = torch.argmin(sigma)
         need_pick = ~pending & ~done
-        stop = need_pick & (sigma[picked] >= -atol)
+        sigma_picked = sigma.gather(0, picked.unsqueeze(0)).squeeze(0)
+        stop = need_pick & (sigma_picked >= -atol)
         done = done | stop
         p = torch.where(need_pick, picked, p)
-        sigma_p = torch.where(need_pick, sigma[picked], sigma_p)
+        sigma_p = torch.where(need_pick, sigma_picked, sigma_p)
         run = ~done
         # Inner step with the pending constraint p.
         onehot_p = index == p
-        column = gramian[:, p]
+        p1 = p.unsqueeze(0)
+        column = gramian.index_select(1, p1).squeeze(1)
+        # The diagonal is read here: a view made outside the loop would alias G among its inputs.
+        g_pp = gramian.diagonal().gather(0, p1).squeeze(0)
         both = active.unsqueeze(0) & active.unsqueeze(1)
         padded = torch.where(both, gramian, eye)
         r = torch.linalg.solve_ex(padded, torch.where(active, column, 0.0))[0]
         r = torch.where(active, r, 0.0)
-        z = diag[p] - column @ r
+        z = g_pp - column @ r
         positive = active & (r > 0)
         ratios = torch.where(positive, mu / torch.where(positive, r, 1.0), inf)
         partial = ratios.min()
         ties = positive & (ratios == partial)
         k = torch.argmin(torch.where(ties, stamps, torch.iinfo(torch.int64).max))
-        independent = z > dep_tol * diag[p]
+        independent = z > dep_tol * g_pp
         full = torch.where(independent, -sigma_p / torch.where(independent, z, 1.0), inf)
         t = torch.minimum(partial, full)
         blocked = torch.isinf(t)
@@ -94,23 +97,27 @@ def pcd_dual_qp(
         active = torch.where(add & onehot_p, True, torch.where(drop & onehot_k, False, active))
         stamps = torch.where(add & onehot_p, counter, stamps)
         counter = counter + add.to(counter.dtype)
-        sigma_p = torch.where(drop, gramian[p] @ mu - b[p], sigma_p)
+        sigma_p = torch.where(drop, column @ mu - b.gather(0, p1).squeeze(0), sigma_p)
         pending = torch.where(add, False, torch.where(drop, True, pending | need_pick))
         done = done | infeasible
         return mu, active, stamps, pending, p, sigma_p, done, infeasible, counter
 
-    false = torch.zeros((), dtype=torch.bool, device=device)
-    zero = torch.zeros((), dtype=torch.int64, device=device)
+    def false() -> Tensor:  # distinct tensors: while_loop's carries must not alias
+        return torch.zeros((), dtype=torch.bool, device=device)
+
+    def zero() -> Tensor:
+        return torch.zeros((), dtype=torch.int64, device=device)
+
     init = (
         torch.zeros(n, dtype=dtype, device=device),
         torch.zeros(n, dtype=torch.bool, device=device),
         torch.zeros(n, dtype=torch.int64, device=device),
-        false,
-        zero,
+        false(),
+        zero(),
         torch.zeros((), dtype=dtype, device=device),
-        false,
-        false,
-        zero,
+        false(),
+        false(),
+        zero(),
     )
     mu, _, _, _, _, _, _, infeasible, _ = fixed_loop(n_steps, step, init)
     return mu, infeasible
