@@ -10,7 +10,7 @@ plain step from the losses alone.
 >>> from jdoptim.scalarization import Mean, STCH
 >>> losses = torch.tensor([0.5, 1.2, 2.0])
 >>> Mean()(losses), STCH(mu=0.1)(losses)
-(tensor(1.2333), tensor(0.6667))
+(tensor(1.2333), tensor(0.6740))
 """
 
 from ._base import Scalarizer
