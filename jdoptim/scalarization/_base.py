@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -22,6 +23,10 @@ class Scalarizer(ParamModule, ABC):
     loss-level counterpart of an aggregator: no Jacobian, no Gramian, one ordinary backward.
     :class:`jdoptim.JDOptimizer` accepts one in place of an aggregator.
     """
+
+    trains_with_model: ClassVar[bool] = False
+    """Whether the parameters are trained by the model's optimiser (:class:`UW`,
+    :class:`IMTLL`); :class:`jdoptim.JDOptimizer` then adds them to a param group."""
 
     def __call__(self, values: Tensor, /) -> Tensor:
         if not isinstance(values, Tensor):

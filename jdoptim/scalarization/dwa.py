@@ -8,10 +8,11 @@ import torch
 from torch import Tensor
 
 from .._params import Param
+from ..aggregation._base import Stateful
 from ._base import Scalarizer, shape_str, strictly_positive
 
 
-class DWA(Scalarizer):
+class DWA(Scalarizer, Stateful):
     r"""Dynamic weight average: :math:`\sum_i w_i L_i` with
 
     .. math::

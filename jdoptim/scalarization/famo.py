@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import Param
+from ..aggregation._base import Stateful
 from ._base import Scalarizer, check_shape_matches, non_negative, shape_str
 from .learned import _as_shape
 
@@ -17,7 +18,7 @@ _BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 
 
-class FAMO(Scalarizer):
+class FAMO(Scalarizer, Stateful):
     r"""FAMO (torchjd 0.18's ``FAMO``). With task logits :math:`\xi` (float32 zeros),
     :math:`z = \operatorname{softmax}(\xi)` and :math:`s = L - b + 10^{-8}` (:math:`b` =
     ``min_losses``, default 0), a call returns

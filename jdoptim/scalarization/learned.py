@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..aggregation._base import Stateful
 from ._base import Scalarizer, check_shape_matches, shape_str
 
 
@@ -12,10 +13,11 @@ def _as_shape(shape: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
 
 
-class _LearnedScales(Scalarizer):
+class _LearnedScales(Scalarizer, Stateful):
     """A scalarizer owning one float32 parameter of the losses' shape (zeros at the start)."""
 
     _what: str
+    trains_with_model = True
 
     def __init__(self, shape: int | tuple[int, ...] | list[int], name: str) -> None:
         super().__init__()
