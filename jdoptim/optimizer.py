@@ -24,6 +24,7 @@ from ._functional import (
     jd_backward,
 )
 from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
+from .aggregation._losses import LossAware
 from .gramian import GramianEngine, resolve_engine
 from .scalarization import Scalarizer
 
@@ -155,7 +156,9 @@ class JDOptimizer(torch.optim.Optimizer):
                 raise ValueError("`params` (partial JD) has no meaning with a Scalarizer.")
             _scalarized.attach_trainable_params(optimizer, self._scalarizer)
             self._strategy, self.engine = None, None
+            self._loss_aware: list[LossAware] = []
         else:
+            self._loss_aware = [m for m in weighting.modules() if isinstance(m, LossAware)]
             self._strategy = WeightingStrategy(weighting)
             self.engine = resolve_engine(
                 engine,
@@ -260,6 +263,8 @@ class JDOptimizer(torch.optim.Optimizer):
             ):
                 self._record.skip_next = True
             return None
+        for module in self._loss_aware:  # GradNorm, DB-MTL: they read the losses too
+            module.observe_losses(losses)
         jd, other = self._split_params()
         out = jd_backward(
             losses,

@@ -43,16 +43,19 @@ from .cagrad import CAGrad, CAGradWeighting
 from .config import ConFIG
 from .constant import Constant, ConstantWeighting
 from .crmogm import CRMOGMWeighting
+from .db_mtl import DBMTL, DBMTLWeighting
 from .dualproj import DualProj, DualProjWeighting
 from .excess_mtl import ExcessMTL, ExcessMTLWeighting
 from .fairgrad import FairGrad, FairGradWeighting
 from .flattening import Flattening
 from .graddrop import GradDrop
+from .gradnorm import GradNorm, GradNormWeighting
 from .gradvac import GradVac, GradVacWeighting
 from .imtl_g import IMTLG, IMTLGWeighting
 from .krum import Krum, KrumWeighting
 from .mean import Mean, MeanWeighting
 from .mgda import MGDA, MGDAWeighting
+from .moco import MoCo
 from .modo import MoDoWeighting
 from .nash_mtl import NashMTL
 from .pcd import PCD, PCDWeighting
@@ -74,6 +77,8 @@ __all__ = [
     "ConFIG",
     "Constant",
     "ConstantWeighting",
+    "DBMTL",
+    "DBMTLWeighting",
     "DualProj",
     "DualProjWeighting",
     "ExcessMTL",
@@ -83,6 +88,8 @@ __all__ = [
     "Flattening",
     "GeneralizedWeighting",
     "GradDrop",
+    "GradNorm",
+    "GradNormWeighting",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
@@ -94,6 +101,7 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoCo",
     "MoDoWeighting",
     "NashMTL",
     "PCD",

@@ -36,6 +36,7 @@ class CRMOGMWeighting(LazyState, Weighting, Stateful):
 
     state_buffers = ("_lambda",)
     alpha = Param(in_unit_interval("alpha"))
+    initial_weights = Param()  # not checked (as torchjd): its shape is checked at the call
 
     def __init__(
         self, weighting: Weighting, alpha: float = 0.9, initial_weights: Tensor | None = None

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import jdoptim.aggregation as agg
+from jdoptim.aggregation._losses import LossAware
 
 M = 6
 _J = torch.tensor(
@@ -81,6 +82,38 @@ _case(agg.NashMTL, {"n_tasks": 3}, "n_tasks", M, 0)
 _case(agg.NashMTL, {"n_tasks": M}, "max_norm", 0.5, -1.0)
 _case(agg.NashMTL, {"n_tasks": M}, "update_weights_every", 2, 0)
 _case(agg.NashMTL, {"n_tasks": M}, "optim_niter", 3, 0)
+for _cls in (agg.ExcessMTL, agg.ExcessMTLWeighting):
+    _case(_cls, {}, "robust_step_size", 0.5, 0.0)
+    _case(_cls, {}, "n_warmup_steps", 2, -1)
+for _cls in (agg.FairGrad, agg.FairGradWeighting):
+    _case(_cls, {"alpha": 1.0}, "alpha", 2.0)
+    _case(_cls, {"alpha": 1.0}, "max_iters", 3)
+for _cls in (agg.PCD, agg.PCDWeighting):
+    _case(_cls, {}, "tau", 0.5, 1.5)
+    _case(_cls, {}, "beta", 0.5, 1.0)
+    _case(_cls, {}, "eps", 0.1, -1.0)
+for _cls in (agg.GradVac, agg.GradVacWeighting):
+    _case(_cls, {}, "beta", 0.1, 1.5)
+    _case(_cls, {}, "eps", 0.0, -1.0)
+_case(agg.CRMOGMWeighting, {"weighting": _INNER}, "weighting", _NEW_INNER)
+_case(agg.CRMOGMWeighting, {"weighting": _INNER}, "alpha", 0.5, 1.5)
+_case(agg.CRMOGMWeighting, {"weighting": _INNER}, "initial_weights", _PREF)
+_case(agg.MoDoWeighting, {}, "gamma", 0.5, 0.0)
+_case(agg.MoDoWeighting, {}, "rho", 0.0, -0.1)
+_case(agg.SDMGradWeighting, {}, "lr", 1.0, 0.0)
+_case(agg.SDMGradWeighting, {}, "momentum", 0.0, 1.0)
+_case(agg.SDMGradWeighting, {}, "n_iter", 3, 0)
+_case(agg.SDMGradWeighting, {}, "lambda_", 1.0, -1.0)
+_case(agg.SDMGradWeighting, {}, "pref_vector", _PREF, _BAD_PREF)
+for _cls in (agg.GradNorm, agg.GradNormWeighting):
+    _case(_cls, {}, "alpha", 0.5, -1.0)
+    _case(_cls, {}, "lr", 0.5, 0.0)
+_case(agg.DBMTL, {}, "beta", 0.5, 1.5)
+_case(agg.DBMTL, {}, "beta_sigma", 0.5, -1.0)
+for _name, _bad in (("beta", -1.0), ("beta_sigma", -1.0), ("gamma", -1.0)):
+    _case(agg.MoCo, {}, _name, 0.3, _bad)
+_case(agg.MoCo, {}, "gamma_sigma", 0.3, -1.0)
+_case(agg.MoCo, {}, "rho", 0.3, -1.0)
 
 
 def _ids(case: tuple) -> str:
@@ -95,6 +128,9 @@ def _same(a: object, b: object) -> bool:
 
 def _output(obj: object) -> torch.Tensor:
     torch.manual_seed(0)
+    for module in obj.modules():
+        if isinstance(module, LossAware):
+            module.observe_losses(torch.arange(1.0, M + 1, dtype=torch.float64))
     if isinstance(obj, agg.Aggregator):
         return obj(_J)
     if isinstance(obj, agg.GeneralizedWeighting):
