@@ -158,8 +158,8 @@ class JDOptimizer(torch.optim.Optimizer):
             self._strategy, self.engine = None, None
             self._loss_aware: list[LossAware] = []
         else:
-            self._loss_aware = [m for m in weighting.modules() if isinstance(m, LossAware)]
             self._strategy = WeightingStrategy(weighting)
+            self._loss_aware = [m for m in weighting.modules() if isinstance(m, LossAware)]
             self.engine = resolve_engine(
                 engine,
                 chunk_size=chunk_size,
