@@ -16,6 +16,7 @@ import torch
 
 import jdoptim.aggregation as agg
 from jdoptim.aggregation._losses import LossAware
+from jdoptim.linalg import QuadprogProjector
 
 M = 6
 _J = torch.tensor(
@@ -54,6 +55,7 @@ for _cls in (agg.UPGrad, agg.UPGradWeighting, agg.DualProj, agg.DualProjWeightin
     _case(_cls, {}, "reg_eps", 0.01, -0.5)
     _case(_cls, {}, "solver", "quadprog", "bad")
     _case(_cls, {}, "warm_start", True)
+    _case(_cls, {}, "projector", QuadprogProjector(norm_eps=0.5))
 for _cls in (agg.AlignedMTL, agg.AlignedMTLWeighting):
     _case(_cls, {}, "pref_vector", _PREF, _BAD_PREF)
     _case(_cls, {}, "scale_mode", "rmse", "bad")
