@@ -80,12 +80,13 @@ def _raise(error: Exception) -> Any:
 
 
 class ParamModule(nn.Module):
-    """An :class:`nn.Module` whose :class:`Param` attributes are always set through their
-    descriptor (``nn.Module.__setattr__`` would otherwise bypass it for buffers)."""
+    """An :class:`nn.Module` whose :class:`Param` (and ``property``) attributes are always set
+    through their descriptor (``nn.Module.__setattr__`` would otherwise bypass it for
+    buffers)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         descriptor = getattr(type(self), name, None)
-        if isinstance(descriptor, Param):
+        if isinstance(descriptor, (Param, property)):  # a property's setter validates too
             descriptor.__set__(self, value)
             return
         super().__setattr__(name, value)

@@ -91,9 +91,10 @@ class DBMTL(LossAware, LazyState, Aggregator, Stateful):
         losses = self.current_losses(matrix.shape[0], matrix)
         if self._momentum is None or self._momentum.shape != matrix.shape:
             self._momentum = torch.zeros_like(matrix)
-            self._step = torch.zeros((), dtype=torch.float64, device=matrix.device)
+            # int64: an in-place add on a 0-d float64 buffer is lost under torch.compile (2.13).
+            self._step = torch.zeros((), dtype=torch.int64, device=matrix.device)
         self._step.add_(1)
-        beta = decayed(self.beta, self.beta_sigma, self._step).to(matrix.dtype)
+        beta = decayed(self.beta, self.beta_sigma, self._step.to(torch.float64)).to(matrix.dtype)
         log_grads = matrix / (losses + _EPS).unsqueeze(1)
         momentum = (1 - beta) * log_grads + beta * self._momentum
         self._momentum.copy_(momentum)

@@ -83,10 +83,11 @@ class MoCo(LazyState, Aggregator, Stateful):
         ):
             self._tracked = torch.zeros_like(matrix)
             self._weights = torch.full((m,), 1.0 / m, dtype=matrix.dtype, device=matrix.device)
-            self._step = torch.zeros((), dtype=torch.float64, device=matrix.device)
+            # int64: an in-place add on a 0-d float64 buffer is lost under torch.compile (2.13).
+            self._step = torch.zeros((), dtype=torch.int64, device=matrix.device)
         self._step.add_(1)
-        beta = decayed(self.beta, self.beta_sigma, self._step).to(matrix.dtype)
-        gamma = decayed(self.gamma, self.gamma_sigma, self._step).to(matrix.dtype)
+        beta = decayed(self.beta, self.beta_sigma, self._step.to(torch.float64)).to(matrix.dtype)
+        gamma = decayed(self.gamma, self.gamma_sigma, self._step.to(torch.float64)).to(matrix.dtype)
         tracked = self._tracked - beta * (self._tracked - matrix)
         lam = self._weights
         grad = tracked @ (tracked.mT @ lam) + self.rho * lam

@@ -66,19 +66,26 @@ class FAMO(Scalarizer, Stateful):
     ) -> None:
         super().__init__()
         self._shape = _as_shape(shape)
-        if min_losses is not None and tuple(min_losses.shape) != self._shape:
-            raise ValueError(
-                f"Parameter `min_losses` should have shape {shape_str(self._shape)} (matching the "
-                f"shape of the logits). Found `min_losses.shape = {shape_str(min_losses.shape)}`."
-            )
+        self.min_losses = min_losses
         self.lr = lr
         self.weight_decay = weight_decay
         self.logits = nn.Parameter(torch.zeros(self._shape))
-        self.register_buffer(
-            "min_losses", torch.zeros(self._shape) if min_losses is None else min_losses
-        )
         self._adam_hparams: tuple[float, float] | None = None
         self._clear()
+
+    @property
+    def min_losses(self) -> Tensor:
+        """The lower bounds :math:`b` of the losses (a buffer; settable, shape checked)."""
+        return self._buffers["min_losses"]
+
+    @min_losses.setter
+    def min_losses(self, value: Tensor | None) -> None:
+        if value is not None and tuple(value.shape) != self._shape:
+            raise ValueError(
+                f"Parameter `min_losses` should have shape {shape_str(self._shape)} (matching the "
+                f"shape of the logits). Found `min_losses.shape = {shape_str(value.shape)}`."
+            )
+        self._buffers["min_losses"] = torch.zeros(self._shape) if value is None else value
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -129,15 +136,17 @@ class FAMO(Scalarizer, Stateful):
             self._adam_hparams = (float(self.lr), float(self.weight_decay))
             self._exp_avg = torch.zeros_like(w)
             self._exp_avg_sq = torch.zeros_like(w)
-            self._step = torch.zeros((), dtype=torch.float64, device=w.device)
+            # int64: an in-place add on a 0-d float64 buffer is lost under torch.compile (2.13).
+            self._step = torch.zeros((), dtype=torch.int64, device=w.device)
         lr, weight_decay = self._adam_hparams
         beta1, beta2 = _BETAS
         grad = grad + weight_decay * w
         self._step.add_(1)
         self._exp_avg.lerp_(grad, 1 - beta1)
         self._exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        correction1 = (1 - beta1**self._step).to(w.dtype)
-        correction2_sqrt = (1 - beta2**self._step).sqrt().to(w.dtype)
+        step = self._step.to(torch.float64)
+        correction1 = (1 - beta1**step).to(w.dtype)
+        correction2_sqrt = (1 - beta2**step).sqrt().to(w.dtype)
         denominator = self._exp_avg_sq.sqrt() / correction2_sqrt + _ADAM_EPS
         w.sub_(lr / correction1 * self._exp_avg / denominator)
 

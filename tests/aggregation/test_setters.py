@@ -17,6 +17,7 @@ import torch
 import jdoptim.aggregation as agg
 from jdoptim.aggregation._losses import LossAware
 from jdoptim.linalg import QuadprogProjector
+from jdoptim.solvers._eager_compile import eager_compilation_enabled, set_eager_compilation
 
 M = 6
 _J = torch.tensor(
@@ -116,6 +117,15 @@ for _name, _bad in (("beta", -1.0), ("beta_sigma", -1.0), ("gamma", -1.0)):
     _case(agg.MoCo, {}, _name, 0.3, _bad)
 _case(agg.MoCo, {}, "gamma_sigma", 0.3, -1.0)
 _case(agg.MoCo, {}, "rho", 0.3, -1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _eager_solvers():
+    # The setters, not the solvers' compiled kernels, are under test: skip their compilation.
+    previous = eager_compilation_enabled()
+    set_eager_compilation(False)
+    yield
+    set_eager_compilation(previous)
 
 
 def _ids(case: tuple) -> str:
