@@ -86,7 +86,11 @@ class ParamModule(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         descriptor = getattr(type(self), name, None)
-        if isinstance(descriptor, (Param, property)):  # a property's setter validates too
+        if isinstance(descriptor, Param) or (
+            # A property over a buffer (FAMO.min_losses): its setter validates. Other
+            # properties take the ordinary path (which Dynamo can trace).
+            isinstance(descriptor, property) and name in self.__dict__.get("_buffers", ())
+        ):
             descriptor.__set__(self, value)
             return
         super().__setattr__(name, value)
