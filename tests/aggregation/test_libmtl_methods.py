@@ -85,3 +85,20 @@ def test_jdoptimizer_passes_the_losses(make) -> None:
         opt.zero_grad()
         opt.step(((model(x) - y) ** 2).mean(0))
     assert not torch.equal(model.weight, before)
+
+
+def test_moco_and_dbmtl_compile_whole_and_follow_eager() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    for make in (lambda: MoCo(rho=0.1), lambda: DBMTL(beta=0.9, beta_sigma=0.5)):
+        eager, compiled_obj = make(), make()
+        for obj in (eager, compiled_obj):
+            if isinstance(obj, DBMTL):
+                obj.observe_losses(_LS[0])
+        first = [eager(_JS[0]), compiled_obj(_JS[0])]  # lazy state creation stays eager
+        torch.testing.assert_close(first[0], first[1])
+        compiled = torch.compile(lambda J, o=compiled_obj: o(J), fullgraph=True)
+        for J in _JS[1:]:
+            torch.testing.assert_close(compiled(J), eager(J), rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()
