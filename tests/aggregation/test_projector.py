@@ -7,9 +7,19 @@ import torch
 
 import jdoptim.aggregation as agg
 from jdoptim.linalg import DualConeProjector, QuadprogProjector, TorchProjector
+from jdoptim.solvers._eager_compile import eager_compilation_enabled, set_eager_compilation
 
 J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0], [1.0, -3.0, 2.0]], dtype=torch.float64)
 CLASSES = [agg.UPGrad, agg.DualProj]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _eager_solvers():
+    # The plumbing, not the solver's compiled kernel, is under test here.
+    previous = eager_compilation_enabled()
+    set_eager_compilation(False)
+    yield
+    set_eager_compilation(previous)
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -19,6 +19,7 @@ import torch
 
 import jdoptim.aggregation as agg
 from jdoptim.aggregation import value_checks
+from jdoptim.solvers._eager_compile import eager_compilation_enabled, set_eager_compilation
 
 from ..reference_v018 import (
     DTYPES,
@@ -35,6 +36,18 @@ from ..reference_v018 import (
 )
 
 RECORDS = records("aggregation")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _eager_solvers():
+    # UPGrad (inside CR-MOGM) would compile its solver kernel for each new shape: the numbers,
+    # not the kernels, are under test here (they are tested in tests/solvers).
+    previous = eager_compilation_enabled()
+    set_eager_compilation(False)
+    yield
+    set_eager_compilation(previous)
+
+
 WA = agg.WeightedAggregator
 
 # FairGrad has no positive root on these inputs (a zero Gramian, opposite rows): torchjd's

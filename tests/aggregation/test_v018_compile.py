@@ -21,7 +21,8 @@ FACTORIES = {
     "SDMGradWeighting": (lambda: agg.SDMGradWeighting(n_iter=5), "A"),
     "CRMOGMWeighting": (lambda: agg.CRMOGMWeighting(agg.MGDAWeighting(), alpha=0.5), "G"),
 }
-COMPILED = ["FairGradWeighting", "PCDWeighting", "SDMGradWeighting"]
+# The two fixed-iteration solvers (SDMGrad and ExcessMTL also pass; left out for CI time).
+COMPILED = ["FairGradWeighting", "PCDWeighting"]
 
 
 def _stat(kind: str, seed: int, device: str = "cpu") -> torch.Tensor:
