@@ -240,10 +240,12 @@ class JDOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self._comm_resolved = distributed == "off"
         self._comm = None
+        self._fsdp2 = None
         try:
-            check_sharded(every, self.engine, distributed)
-            jacobian = self.engine.name == "jacobian"
-            self._fsdp2 = fsdp2_unsharded(model, every) if jacobian else None
+            if self.engine is not None:  # a Scalarizer has no engine (an ordinary backward)
+                check_sharded(every, self.engine, distributed)
+                if self.engine.name == "jacobian":
+                    self._fsdp2 = fsdp2_unsharded(model, every)
         except TypeError:
             if not isinstance(engine, GramianEngine) and hasattr(self.engine, "remove"):
                 self.engine.remove()  # the hooks of an engine built here
