@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ._base import GramianEngine, GramianResult
 from ._kernels import accumulate_gram, accumulation_dtype
+from ._scale import exponent, gram_shift, pow2
 from ._vjp import chunked_batched_grad
 
 
@@ -47,10 +48,14 @@ class JacobianResult(GramianResult):
         self._blocks = blocks
         dtype = accumulation_dtype(*(b.dtype for b in blocks))
         device = blocks[0].device if blocks else device
+        # The Gramian of 2^-s J (s = 0 unless J is huge or tiny): it cannot overflow.
+        shift = gram_shift([exponent(b) for b in blocks], dtype, device)
+        scale = pow2(-shift, dtype)
         gramian = torch.zeros(m, m, dtype=dtype, device=device)
         for block in blocks:
-            gramian = accumulate_gram(gramian, block)
+            gramian = accumulate_gram(gramian, block, scale)
         self.gramian = gramian
+        self.gramian_exponent = 2 * shift
 
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
         out: list[Tensor | None] = []
