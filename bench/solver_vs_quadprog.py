@@ -42,15 +42,17 @@ def gramians(m: int) -> list[torch.Tensor]:
     return [(lambda J: J @ J.T)(make_jacobian("aligned_conflict", m, seed=s)) for s in range(4)]
 
 
-def max_error(m: int, weighting, reference) -> float:
-    err = 0.0
+def max_errors(m: int, weightings: list, reference) -> list[float]:
+    errs = [0.0] * len(weightings)
     cases = [make_family(f, m, max(2, m // 2), seed=1) for f in FAMILIES]
     cases += [make_jacobian(kind, m, seed=1) for kind in KINDS]
     for J in cases:
         G = J @ J.T
-        w, w_ref = weighting(G), reference(G)
-        err = max(err, ((w - w_ref).abs().max() / w_ref.abs().max()).item())
-    return err
+        w_ref = reference(G)
+        for i, weighting in enumerate(weightings):
+            err = ((weighting(G) - w_ref).abs().max() / w_ref.abs().max()).item()
+            errs[i] = max(errs[i], err)
+    return errs
 
 
 def main(sizes: list[int], quadprog: bool) -> None:
@@ -72,8 +74,8 @@ def main(sizes: list[int], quadprog: bool) -> None:
         t_comp = median_ms(compiled, Gs, reps)
         t_old = median_ms(old, Gs, reps) if m <= 256 else float("nan")
         t_qp = median_ms(qp, Gs, 3 if m >= 128 else reps) if quadprog else float("nan")
-        err = max_error(m, exact, qp) if quadprog else float("nan")
-        err_old = max_error(m, old, qp) if quadprog else float("nan")
+        nan = float("nan")
+        err, err_old = max_errors(m, [exact, old], qp) if quadprog else (nan, nan)
         print(
             f"{m:>5} {t_eager:>11.2f} {t_comp:>10.2f} {t_old:>11.2f} {t_qp:>9.2f} "
             f"{t_compile:>9.1f} {err:>9.1e} {err_old:>9.1e}",

@@ -257,3 +257,14 @@ def test_compiles_fullgraph_on_cpu_matches_eager_no_recompile() -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         torch.testing.assert_close(compiled(G2), fn(G2), rtol=1e-9, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_regression_fixed_budget_mprgp_was_silently_inexact() -> None:
+    """Issue 10: a strongly Pareto-stationary 20 x 10 Jacobian (rows permuted) on which the
+    former default's fixed budget stops 1e-4 away from the solution; the exact solver is not."""
+    J = make_family("strong", 20, 10, seed=114)
+    G = J @ J.T
+    U = torch.eye(20, dtype=F64) / 20
+    ref = project_weights(U, G, solver="quadprog").sum(0)
+    assert _rel_err(project_weights(U, G, solver="mprgp").sum(0), ref) > 1e-5
+    assert _rel_err(project_weights(U, G).sum(0), ref) <= 1e-12
