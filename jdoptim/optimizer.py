@@ -274,7 +274,7 @@ class JDOptimizer(torch.optim.Optimizer):
             other_params_grad=self.other_params_grad,
             nonfinite=self.nonfinite,
             retain_graph=retain_graph,
-            batch_dim=self.batch_dim,
+            batch_dim=getattr(self, "batch_dim", None),
         )
         record = self._record
         if out.skipped:

@@ -408,3 +408,37 @@ def test_changing_the_weighting_loads_without_the_jd_entry():
         other.load_state_dict(sd)  # STCH's buffers do not fit InverseNormWeighting
     other.load_state_dict({k: v for k, v in sd.items() if k != "jdoptim"})
     assert_equal_trees(other.optimizer.state_dict()["state"], sd["state"])
+
+
+@pytest.mark.parametrize("custom_group", [False, True], ids=["default-group", "custom-group"])
+def test_a_copy_in_a_distributed_run(custom_group):
+    """The distributed step's communicator holds a process group: a copy sets up its own, and
+    shares a given group (one gloo rank, in this process)."""
+    pytest.importorskip("jdoptim.distributed")  # the distributed step (jdoptim >= 0.2)
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed, not initialised yet")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        group = dist.new_group([0]) if custom_group else None
+        model = mlp()
+        opt = JDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            InverseNormWeighting(),
+            distributed="global",
+            process_group=group,
+        )
+        train(model, opt, range(1))
+        assert opt.communicator is not None
+        copies = [copy.deepcopy((model, opt))]
+        if not custom_group:  # a ProcessGroup cannot be pickled (torch)
+            copies.append(_pickle_round_trip((model, opt)))
+        for copy_model, copy_opt in copies:
+            assert copy_opt.process_group is group
+            train(copy_model, copy_opt, range(1, 3))
+            assert copy_opt.communicator is not None
+        train(model, opt, range(1, 3))
+        for copy_model, _ in copies:
+            assert_same_params(model, copy_model)
+    finally:
+        dist.destroy_process_group()
