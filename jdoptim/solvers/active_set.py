@@ -274,11 +274,30 @@ def solve_cpu(
     until every row is done, converged rows leaving the batch and systems padded to the
     largest of the iteration; rows undone after :func:`pivot_limit` steps are polished
     (:func:`apg_polish`, stopping at its certificate). Same arguments as :func:`solve_fixed`."""
+    out, undone, start = try_pivoting(gramian, lower, init, pivot_limit(lower.shape[-1]))
+    if bool(undone.any()):
+        # Undone after the limit (finite pivoting can in theory take exponentially many steps).
+        out[undone] = apg_polish(gramian, lower[undone], start, mu, polish_iterations(kappa))
+    return out
+
+
+def try_pivoting(
+    gramian: Tensor,
+    lower: Tensor,
+    init: Tensor | None,
+    max_steps: int,
+    max_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pivot (CPU, eager) for at most ``max_steps`` steps, stopping before any step whose
+    systems would have more than ``max_size`` unknowns. Returns the solution (on the rows that
+    are done; the bounds elsewhere), the ``[k]`` mask of the rows not done, and for those a
+    feasible start no worse than the bounds (:func:`best_start`)."""
     k, m = lower.shape
     out = lower.clone()
+    undone = torch.zeros(k, dtype=torch.bool)
     if k == 0:
-        return out
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky_ex(gramian)[0])
+        return out, undone, lower[undone]
+    inverse = None
     gramian_scale = gramian.abs().amax()
     rows = torch.arange(k)
     bounds = lower
@@ -286,19 +305,21 @@ def solve_cpu(
     best = torch.full((k, 1), m + 1, dtype=torch.int64)
     tries = torch.full((k, 1), BLOCK_TRIES, dtype=torch.int64)
     v = lower
-    for _ in range(pivot_limit(m)):
+    for _ in range(max_steps):
         n_active = active.sum(-1)
         size = int(torch.minimum(n_active, m - n_active).amax())  # CPU: no sync
+        if max_size is not None and size > max_size:
+            break
+        if inverse is None:  # factorised only once pivoting is sure to run
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky_ex(gramian)[0])
         v, lam = _face_solve(gramian, inverse, bounds, active, size)
         bad = _infeasible(v, lam, bounds, active, gramian_scale)
         done = ~bad.any(-1)
         out[rows[done]] = torch.maximum(v[done], bounds[done])
         if bool(done.all()):
-            return out
+            return out, undone, lower[undone]
         keep = ~done
         rows, bounds, v = rows[keep], bounds[keep], v[keep]
         active, best, tries = _exchange(active[keep], bad[keep], best[keep], tries[keep])
-    # Undone after the limit (finite pivoting can in theory take exponentially many steps).
-    start = best_start(gramian, bounds, v)
-    out[rows] = apg_polish(gramian, bounds, start, mu, polish_iterations(kappa))
-    return out
+    undone[rows] = True
+    return out, undone, best_start(gramian, bounds, v)

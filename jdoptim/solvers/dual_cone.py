@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .active_set import POLISH_RTOL, certify, solve_cpu, solve_fixed
+from .active_set import POLISH_RTOL, certify, solve_cpu, solve_fixed, try_pivoting
 from .mprgp import mprgp_solve
 from .normalization import normalize, regularize, trace_threshold
 
@@ -74,6 +74,15 @@ def condition_bound(reg_eps: float) -> float:
     return (1.0 + reg_eps) / reg_eps * (1.0 + 1e-6)
 
 
+PIVOT_FIRST_STEPS = 8
+PIVOT_FIRST_DIV = 4
+PIVOT_FIRST_MAX_M = 128
+"""On the CPU, for ``m <= PIVOT_FIRST_MAX_M`` (no gain measured at 256), pivoting runs first,
+for at most ``PIVOT_FIRST_STEPS`` steps and while every
+system has at most ``max(4, m // PIVOT_FIRST_DIV)`` unknowns: per-sample Gramians (W2) start
+with systems of about m/6 and finish in 2-3 steps, 1.8-5x faster than MPRGP; Gramians whose
+systems start at m/3 to m/2 (strong conflicts, Pareto-stationary) go straight to MPRGP."""
+
 MPRGP_FIRST_TOL = 1e-13
 """Early exit of the MPRGP first phase on the CPU (projected gradient relative to ``max|u|``),
 tight enough for most rows to pass :func:`~jdoptim.solvers.active_set.certify`."""
@@ -89,10 +98,18 @@ def _dual_cone_cpu(
     with torch.inference_mode():
         gramian, lower = gramian.clone(), lower.clone()
         init = None if init is None else init.clone()
-        x = mprgp_solve(gramian, lower, None, init, rel_tol=MPRGP_FIRST_TOL)
-        uncertified = ~certify(gramian, lower, x, mu, POLISH_RTOL)
-        if bool(uncertified.any()):
-            x[uncertified] = solve_cpu(gramian, lower[uncertified], mu, kappa, x[uncertified])
+        # Pivoting first while its systems stay small (then it beats MPRGP); MPRGP, the
+        # certificate and pivoting for the rows it leaves.
+        m = lower.shape[-1]
+        steps = PIVOT_FIRST_STEPS if m <= PIVOT_FIRST_MAX_M else 0
+        x, undone, _ = try_pivoting(gramian, lower, init, steps, max(4, m // PIVOT_FIRST_DIV))
+        if bool(undone.any()):
+            rest, start = lower[undone], None if init is None else init[undone]
+            y = mprgp_solve(gramian, rest, None, start, rel_tol=MPRGP_FIRST_TOL)
+            uncertified = ~certify(gramian, rest, y, mu, POLISH_RTOL)
+            if bool(uncertified.any()):
+                y[uncertified] = solve_cpu(gramian, rest[uncertified], mu, kappa, y[uncertified])
+            x[undone] = y
     return x.clone()  # a normal tensor (inference tensors cannot be saved for backward)
 
 
