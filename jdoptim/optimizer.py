@@ -319,7 +319,19 @@ class JDOptimizer(torch.optim.Optimizer):
         :meth:`step` with no losses. Returns the detached weights (shape of ``losses``; NaN when
         the step is skipped; ``None`` for a Jacobian-only aggregator without weights).
         """
+        if not self._comm_resolved:  # once: a single process then never looks again
+            self._comm = resolve_mode(self.distributed, self.process_group)
+            self._comm_resolved = True
         if self._scalarizer is not None:
+            if self._comm is not None:
+                # Checked before any backward: nothing is written when it is refused.
+                raise NotImplementedError(
+                    f"A Scalarizer ({type(self._scalarizer).__name__}) has no "
+                    f"distributed={self.distributed!r} step yet: each rank would scalarize its "
+                    "own losses and the replicas would drift. Wrap the model in "
+                    "DistributedDataParallel and pass distributed='off' (DDP then averages the "
+                    "gradients; a stateful scalarizer sees each rank's own losses)."
+                )
             if _scalarized.scalarized_backward(
                 self._scalarizer, losses, self.nonfinite, retain_graph
             ):
@@ -328,9 +340,6 @@ class JDOptimizer(torch.optim.Optimizer):
         for module in self._loss_aware:  # GradNorm, DB-MTL: they read the losses too
             module.observe_losses(losses)
         jd, other = self._split_params()
-        if not self._comm_resolved:  # once: a single process then never looks again
-            self._comm = resolve_mode(self.distributed, self.process_group)
-            self._comm_resolved = True
         out = jd_backward(
             losses,
             jd,

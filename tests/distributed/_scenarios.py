@@ -397,6 +397,16 @@ def errors(rank: int, world: int) -> dict:
         opt.zero_grad()
         opt.step(_mse_tasks(model, x, y))
         out[f"nonfinite_{mode}_then"] = _params(model)
+    # A Scalarizer has no distributed step: refused before any backward.
+    from jdoptim.scalarization import Mean as MeanScalarizer
+
+    model = _mlp()
+    opt = JDOptimizer(_inner(model, "sgd"), MeanScalarizer())
+    try:
+        opt.step(_mse_tasks(model, x, y))
+    except NotImplementedError as error:
+        out["scalarizer"] = str(error)
+    out["scalarizer_untouched"] = all(p.grad is None for p in model.parameters())
     # FSDP1: a clear error at construction.
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

@@ -70,6 +70,7 @@ def _check_errors(results: list[dict], world: int) -> None:
             assert "NaN or inf" in r[f"nonfinite_{mode}"]
             assert r[f"nonfinite_{mode}_untouched"]
         assert "FSDP1" in r["fsdp1"]
+        assert "distributed='off'" in r["scalarizer"] and r["scalarizer_untouched"]
     first = results[0]["errors"]
     for r in results[1:]:
         for mode in ("global", "local"):
