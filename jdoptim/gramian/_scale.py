@@ -65,7 +65,9 @@ def exponent(x: Tensor) -> Tensor:
     """
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.int32, device=x.device)
-    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf")).float()
+    # max(-min, max) rather than ``vector_norm(ord=inf)``, which is ~10x slower on the CPU.
+    lo, hi = torch.aminmax(x.detach())
+    amax = torch.maximum(-lo, hi).float()
     return torch.frexp(amax).exponent
 
 
