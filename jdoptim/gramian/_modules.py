@@ -380,9 +380,11 @@ class RecurrentRule(ModuleRule):
         P = {n: getattr(module, n).detach() for n in module._flat_weights_names}
         record: list[tuple[str, Tensor, Tensor | list[Tensor]]] = []  # (param name, A, outputs)
         with torch.enable_grad():
-            inp = x.to(wdt).detach().requires_grad_()
-            h0 = h0.to(wdt).detach().requires_grad_()
-            c0 = None if c0 is None else c0.to(wdt).detach().requires_grad_()
+            # Fresh leaves (copies, not views: a detached view of the input made a leaf breaks
+            # AOTAutograd's view replay under torch.compile), so every intermediate has a grad.
+            inp = x.to(wdt).clone(memory_format=torch.contiguous_format).requires_grad_()
+            h0 = h0.to(wdt).clone().requires_grad_()
+            c0 = None if c0 is None else c0.to(wdt).clone().requires_grad_()
             h_n, c_n = [], []
             for layer in range(L):
                 outs = []

@@ -260,6 +260,7 @@ class LayerwiseGramianEngine(GramianEngine):
         self._handles: list[RemovableHandle] = []
         self._records: list[_Record | _Inexact | _Info] = []
         self._generic: set[int] = set()  # engine indices of parameters only the fallback covers
+        self._eager_calls = False  # a hook ran eagerly since the last compute
         seen: set[int] = set()
         for root in modules:
             for name, module in root.named_modules():
@@ -300,6 +301,7 @@ class LayerwiseGramianEngine(GramianEngine):
         def hook(module: nn.Module, args: tuple, output: object) -> object:
             if not torch.is_grad_enabled():
                 return None
+            self._note_eager()
             if mixes_samples(module):
                 self._records.append(info)
                 return None
@@ -338,6 +340,7 @@ class LayerwiseGramianEngine(GramianEngine):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if not torch.is_grad_enabled():
                 return None
+            self._note_eager()
             same = all(module.get_parameter(n) is p for n, p in claimed.items())
             saved = None
             if same and exact_call(module, info.cls, info.params, hook):
@@ -357,6 +360,11 @@ class LayerwiseGramianEngine(GramianEngine):
         info.hook = hook
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
+    def _note_eager(self) -> None:
+        """Remember that a hook ran outside ``torch.compile`` (see :meth:`compute`)."""
+        if not torch.compiler.is_compiling():
+            self._eager_calls = True
+
     def remove(self) -> None:
         """Remove the hooks and drop whatever they stored."""
         for handle in self._handles:
@@ -368,6 +376,7 @@ class LayerwiseGramianEngine(GramianEngine):
         """Drop the inputs/outputs stored since the last :meth:`compute` (e.g. after a forward
         pass that is not followed by one)."""
         self._records = []
+        self._eager_calls = False
 
     # ------------------------------------------------------------------------------ compute
 
@@ -479,7 +488,19 @@ class LayerwiseGramianEngine(GramianEngine):
         ``batch_dim`` is the batch dimension of ``losses`` when it differs from the model's
         (the engine's ``batch_dim``), e.g. ``1`` for ``[K, B]`` losses of a batch-first model.
         """
-        records, self._records = self._records, []
+        if torch.compiler.is_compiling() and self._eager_calls:
+            # Some calls ran eagerly (a graph break inside the forward, e.g. an nn.GRU, which
+            # Dynamo does not trace unless torch._dynamo.config.allow_rnn): their outputs are
+            # outside the graph being traced, whose autograd.grad cannot reach them. Compute
+            # eagerly instead (exact; only the JD part leaves the graph).
+            return self._compute_eagerly(
+                losses, params, retain_graph=retain_graph, batch_dim=batch_dim
+            )
+        self._eager_calls = False
+        # Empty the list in place: under torch.compile a new list would leave the old one, with
+        # the tensors of this step, to be rebuilt as graph outputs.
+        records = list(self._records)
+        self._records.clear()
         mixing = sorted({r.name for r in records if isinstance(r, _Info)})
         inexact = [r.info for r in records if isinstance(r, _Inexact)]
         if mixing:
@@ -600,6 +621,17 @@ class LayerwiseGramianEngine(GramianEngine):
         )
         result.gramian_exponent = 2 * shift
         return result
+
+    @torch.compiler.disable
+    def _compute_eagerly(
+        self,
+        losses: Tensor,
+        params: Sequence[Tensor],
+        *,
+        retain_graph: bool = False,
+        batch_dim: int | None = None,
+    ) -> LayerwiseResult:
+        return self.compute(losses, params, retain_graph=retain_graph, batch_dim=batch_dim)
 
     def _prepare(self, factors: list[Factor], pool: PerSample) -> list[Factor]:
         return prepare_factors(factors, pool, self.strategy)

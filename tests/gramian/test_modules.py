@@ -269,3 +269,45 @@ def test_input_modified_in_place_raises() -> None:
     h.mul_(2)
     with pytest.raises(ValueError, match="modified in place"):
         engine.compute(out, list(attn.parameters()))
+
+
+class SeqNet(nn.Module):
+    """Tiny embedding -> attention -> GRU -> head (the compile test's model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.gru = nn.GRU(4, 3, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, t: Tensor) -> Tensor:
+        h = self.emb(t)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.gru(h)[0][:, -1])
+
+
+def test_compile_fullgraph_matches_eager() -> None:
+    """Attention and recurrent rules inside one compiled graph (float32, like training)."""
+    torch.set_default_dtype(torch.float32)
+    model = SeqNet()
+    params = list(model.parameters())
+    engine = LayerwiseGramianEngine(model)
+
+    def step(t: Tensor, y: Tensor) -> Tensor:
+        losses = ((model(t) - y) ** 2).sum(1)
+        result = engine.compute(losses, params)
+        result.backward(torch.softmax(result.gramian.diagonal(), 0))
+        return result.gramian
+
+    t, y = torch.randint(0, 7, (3, 5)), torch.randn(3, 2)
+    with torch._dynamo.config.patch(trace_autograd_ops=True, allow_rnn=True):
+        G_eager = step(t, y)
+        g_eager = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        G = torch.compile(step, fullgraph=True)(t, y)
+    torch.testing.assert_close(G, G_eager, rtol=1e-5, atol=1e-6)
+    for p, g in zip(params, g_eager, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    assert engine._records == []
