@@ -10,7 +10,7 @@ from torch import Tensor
 
 from jdoptim.solvers.simplex import minimize_linear_plus_norm
 
-from ._base import GramianWeightedAggregator, Weighting
+from ._base import GramianWeightedAggregator, Param, Weighting
 from ._gramian import normalize
 
 Solver = Literal["torch", "cvxpy"]
@@ -145,12 +145,15 @@ class CAGradWeighting(Weighting):
     """
 
     differentiable = False
+    c = Param(_check_c)
+    norm_eps = Param(_check_norm_eps)
+    solver = Param(lambda solver: _check_solver(solver, "CAGrad"))
 
     def __init__(self, c: float, norm_eps: float = 0.0001, solver: Solver = "torch") -> None:
         super().__init__()
-        self.c = _check_c(c)
-        self.norm_eps = _check_norm_eps(norm_eps)
-        self.solver = _check_solver(solver, type(self).__name__)
+        self.c = c
+        self.norm_eps = norm_eps
+        self.solver = solver
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         if self.solver == "cvxpy":
@@ -172,17 +175,17 @@ class CAGrad(GramianWeightedAggregator):
     """
 
     differentiable = False
+    c = Param(forward="gramian_weighting")
+    norm_eps = Param(forward="gramian_weighting")
+    solver = Param(forward="gramian_weighting")
 
     def __init__(self, c: float, norm_eps: float = 0.0001, solver: Solver = "torch") -> None:
         super().__init__(CAGradWeighting(c, norm_eps=norm_eps, solver=solver))
-        self._c = c
-        self._norm_eps = norm_eps
-        self._solver = solver
 
     def __repr__(self) -> str:
-        suffix = "" if self._solver == "torch" else f", solver={self._solver!r}"
-        return f"{self.__class__.__name__}(c={self._c}, norm_eps={self._norm_eps}{suffix})"
+        suffix = "" if self.solver == "torch" else f", solver={self.solver!r}"
+        return f"{self.__class__.__name__}(c={self.c}, norm_eps={self.norm_eps}{suffix})"
 
     def __str__(self) -> str:
-        c_str = f"{self._c}"
+        c_str = f"{self.c}"
         return f"CAGrad{c_str.removesuffix('.0')}"

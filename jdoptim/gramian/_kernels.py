@@ -77,10 +77,8 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
-def accumulate_gram(acc: Tensor, block: Tensor, scale: Tensor | None = None) -> Tensor:
-    r"""Return ``acc + B @ B.T`` computed in ``acc.dtype``, with ``B = block * scale``
-    (``scale``: a 0-d power of two that keeps the products finite, see
-    :mod:`jdoptim.gramian._scale`; ``None``: 1).
+def accumulate_gram(acc: Tensor, block: Tensor) -> Tensor:
+    r"""Return ``acc + block @ block.T`` computed in ``acc.dtype``.
 
     >>> import torch
     >>> b = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.bfloat16)
@@ -90,8 +88,6 @@ def accumulate_gram(acc: Tensor, block: Tensor, scale: Tensor | None = None) -> 
     """
     kernel = _KERNELS.get(block.device.type)
     if kernel is not None:
-        return kernel(acc, block if scale is None else block * scale.to(block.dtype))
+        return kernel(acc, block)
     b = block.to(acc.dtype)
-    if scale is not None:
-        b = b * scale.to(acc.dtype)
     return torch.addmm(acc, b, b.mT)

