@@ -41,10 +41,12 @@ ghost cost grows as :math:`(BT)^2`.) For ``nn.Embedding`` with ``V`` rows: ghost
 batched vector-Jacobian product of the losses (``torch.autograd.grad(..., is_grads_batched=
 True)``, the per-sample gradients of those parameters only): parameters of modules of other
 types, of a covered module called on something that is not batched along ``batch_dim``, and of
-modules that are never called (e.g. ``MultiheadAttention.out_proj``, whose weight is used
-directly). A module called several times (shared / tied layers) sums its calls: positions are
-concatenated, so the cross terms between calls are exact; a parameter reached through
-different rules (an embedding tied to a linear head) is materialised.
+modules that are never called. ``nn.MultiheadAttention`` (its ``out_proj`` included) and
+``nn.RNN``/``GRU``/``LSTM`` have module rules (:mod:`jdoptim.gramian._modules`): one batched
+recomputation of the module exposes its linear maps. A module called several times (shared /
+tied layers) sums its calls: positions are concatenated, so the cross terms between calls are
+exact; a parameter reached through different rules (an embedding tied to a linear head) is
+materialised.
 
 A rule covers a module only when it differentiates exactly the module's parameters
 (:func:`~jdoptim.gramian._layers.rule_for`, checked again at every call by
