@@ -311,3 +311,12 @@ def test_compile_fullgraph_matches_eager() -> None:
     for p, g in zip(params, g_eager, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
     assert engine._records == []
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm_proj"])
+def test_recurrent_multi_losses(name: str) -> None:
+    """K = 2 losses per sample ([B, K] losses): the recomputation's backward is batched over K."""
+    rnn, head = _rnn(name, True)
+    model = nn.ModuleList([rnn, head])
+    x = torch.randn(3, 6, 4)
+    check(model, lambda: head(rnn(x)[0]).pow(2).sum(1), claimed=True)
