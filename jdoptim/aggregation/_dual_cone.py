@@ -44,7 +44,7 @@ class DualConeWeighting(Weighting, Stateful):
     def __init__(
         self,
         pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
+        norm_eps: float | None = None,
         reg_eps: float = 0.0001,
         solver: Solver = "torch",
         warm_start: bool = False,
@@ -106,7 +106,7 @@ class DualConeAggregator(GramianWeightedAggregator):
     def __init__(
         self,
         pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
+        norm_eps: float | None = None,
         reg_eps: float = 0.0001,
         solver: Solver = "torch",
         warm_start: bool = False,
