@@ -81,10 +81,15 @@ class PerSample:
         if not self.grads:
             return None
         BK = dims.B * dims.K
-        J = torch.cat([J.reshape(BK, -1) for J in self.grads.values()], dim=1)
-        if shift is not None:
-            J = J * pow2(-shift, J.dtype)
-        return (J @ J.mT).reshape(dims.B, dims.K, dims.B, dims.K)
+        # One product per parameter, summed: no copy of all the gradients into one matrix.
+        G = None
+        for J in self.grads.values():
+            J = J.reshape(BK, -1)
+            if shift is not None:
+                J = J * pow2(-shift, J.dtype)
+            G = J @ J.mT if G is None else torch.addmm(G, J, J.mT)
+        assert G is not None
+        return G.reshape(dims.B, dims.K, dims.B, dims.K)
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
         return {i: torch.einsum("bk,bkn->n", w, J) for i, J in self.grads.items()}
