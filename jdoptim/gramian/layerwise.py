@@ -56,6 +56,7 @@ covered module is not seen; modules that mix samples make per-sample losses non-
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Literal
 
@@ -236,6 +237,9 @@ class LayerwiseGramianEngine(GramianEngine):
                     continue
                 seen.add(id(module))
                 self._hook(name or type(module).__name__, module)
+        # The hooks hold the engine only weakly, so the model does not keep it alive; once it is
+        # gone (e.g. with the JDOptimizer that built it), this finalizer unhooks the model.
+        weakref.finalize(self, remove_handles, self._handles)
 
     # ------------------------------------------------------------------------------ hooking
 
@@ -260,11 +264,14 @@ class LayerwiseGramianEngine(GramianEngine):
         self._handles.append(module.register_forward_hook(self._make_hook(info)))
 
     def _make_hook(self, info: _Info):
+        engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
+
         def hook(module: nn.Module, args: tuple, output: object) -> object:
-            if not torch.is_grad_enabled():
+            engine = engine_ref()
+            if engine is None or not torch.is_grad_enabled():
                 return None
             if mixes_samples(module):
-                self._records.append(info)
+                engine._records.append(info)
                 return None
             if info.rule is GENERIC or not isinstance(output, Tensor):
                 return None
@@ -272,16 +279,15 @@ class LayerwiseGramianEngine(GramianEngine):
                 return None
             saved = info.rule.save(module, args, output)
             version = -1 if torch.compiler.is_compiling() else output._version
-            self._records.append(_Record(info, saved, output, version))
-            return output.clone() if self.clone_outputs else None
+            engine._records.append(_Record(info, saved, output, version))
+            return output.clone() if engine.clone_outputs else None
 
         return hook
 
     def remove(self) -> None:
-        """Remove the hooks and drop whatever they stored."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hooks and drop whatever they stored (also done when the engine is garbage
+        collected)."""
+        remove_handles(self._handles)
         self.reset()
 
     def reset(self) -> None:
@@ -459,6 +465,26 @@ class LayerwiseGramianEngine(GramianEngine):
     def report(self) -> dict[str, str]:
         """Which rule handles each hooked module (``"generic"``: exact batched-vjp fallback)."""
         return {info.name: info.rule.name for info in self._infos}
+
+
+def remove_handles(handles: list[RemovableHandle]) -> None:
+    """Remove hooks and empty the list (an engine's :meth:`remove` and its finalizer)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def weak_method_hook(method):
+    """A hook calling the bound ``method`` without keeping its object alive (no-op once the
+    object is gone)."""
+    # weakref.ref, not WeakMethod: Dynamo traces the former inside a compiled forward pass.
+    owner_ref, function = weakref.ref(method.__self__), method.__func__
+
+    def hook(*args):
+        owner = owner_ref()
+        return None if owner is None else function(owner, *args)
+
+    return hook
 
 
 def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) -> list[Factor]:

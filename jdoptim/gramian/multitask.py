@@ -55,6 +55,7 @@ that reads :math:`z`, or a trunk activation, directly is not seen); use the
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -66,7 +67,7 @@ from ._base import GramianEngine, GramianResult
 from ._kernels import accumulation_dtype
 from ._layers import Dims, Factor, LinearRule, PerSample, rule_for
 from ._vjp import chunked_batched_grad
-from .layerwise import Strategy, prepare_factors
+from .layerwise import Strategy, prepare_factors, remove_handles, weak_method_hook
 
 _STRATEGIES = ("auto", "ghost", "materialize")
 
@@ -219,31 +220,45 @@ class MultiTaskGramianEngine(GramianEngine):
             self._handles.append(head.register_forward_pre_hook(self._make_pre_hook(k)))
             self._handles.append(head.register_forward_hook(self._make_head_hook(k)))
         seen: set[int] = set()
+        trunk_hook = weak_method_hook(self._trunk_hook)
         for t in trunks:
             for module in t.modules():
                 if id(module) in seen or not isinstance(rule_for(module), LinearRule):
                     continue
                 seen.add(id(module))
-                self._handles.append(module.register_forward_hook(self._trunk_hook))
+                self._handles.append(module.register_forward_hook(trunk_hook))
+        # The hooks hold the engine only weakly (the model must not keep it alive); once it is
+        # gone, this finalizer unhooks the model.
+        weakref.finalize(self, remove_handles, self._handles)
 
     # ------------------------------------------------------------------------------ hooks
 
     def _make_pre_hook(self, k: int):
+        engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
+
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-            if not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor):
+            engine = engine_ref()
+            if engine is None or not torch.is_grad_enabled():
+                return None
+            if not args or not isinstance(args[0], Tensor):
                 return None
             source = args[0]
             if not source.requires_grad:
                 return None
             alias = source.view_as(source)
-            self._head_calls[k].append(_HeadCall(source, alias))
+            engine._head_calls[k].append(_HeadCall(source, alias))
             return (alias, *args[1:])
 
         return pre_hook
 
     def _make_head_hook(self, k: int):
+        engine_ref = weakref.ref(self)
+
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            calls = self._head_calls[k]
+            engine = engine_ref()
+            if engine is None:
+                return
+            calls = engine._head_calls[k]
             if calls and calls[-1].output is None and isinstance(output, Tensor):
                 calls[-1].output = output
 
@@ -257,10 +272,9 @@ class MultiTaskGramianEngine(GramianEngine):
         self._trunk_calls.append(_TrunkCall(module, args[0].detach(), output))
 
     def remove(self) -> None:
-        """Remove the hooks and drop whatever they stored."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hooks and drop whatever they stored (also done when the engine is garbage
+        collected)."""
+        remove_handles(self._handles)
         self.reset()
 
     def reset(self) -> None:
