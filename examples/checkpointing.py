@@ -1,9 +1,10 @@
 """Checkpoint and resume.
 
-``JDOptimizer.state_dict()`` holds the inner optimizer's state (e.g. Adam's moments), the
-weighting's state (buffers of stateful weightings) and the step counters. Save it with the
-model's state dict; after ``load_state_dict`` on a freshly built model and optimizer, training
-continues exactly as if it had never stopped.
+``JDOptimizer.state_dict()`` is the inner optimizer's state dict (``state``, e.g. Adam's
+moments, and ``param_groups``) plus one extra key, ``"jdoptim"``: the weighting's state
+(buffers of stateful weightings) and the step counters. Save it with the model's state dict;
+after ``load_state_dict`` on a freshly built model and optimizer, training continues exactly as
+if it had never stopped.
 """
 
 import io
@@ -40,6 +41,7 @@ def main() -> None:
     train(model, optimizer, range(5))
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    assert {"state", "param_groups", "jdoptim"} <= set(optimizer.state_dict())
 
     # ... then resume in a fresh process: rebuild, load, continue.
     buffer.seek(0)

@@ -34,7 +34,8 @@ from .aggregation._base import (
     Weighting,
 )
 from .aggregation._checks import value_checks
-from .gramian import GramianEngine, to_generalized_gramian
+from .gramian import GramianEngine, accumulation_dtype, to_generalized_gramian
+from .gramian._scale import exponent, gram_shift, pow2
 
 NonFinitePolicy = Literal["raise", "skip", "propagate"]
 OtherParamsGrad = Literal["weighted", "sum"]
@@ -147,6 +148,30 @@ def check_losses(losses: Tensor) -> None:
         )
 
 
+def check_batch_dim(losses: Tensor, batch_dim: int | None) -> None:
+    """Raise ``ValueError`` when ``losses`` has no dimension ``batch_dim`` (static shapes only).
+
+    >>> import torch
+    >>> check_batch_dim(torch.ones(3, 2), 1)
+    >>> check_batch_dim(torch.tensor(1.0), 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `losses` is a single (0-d) loss, but batch_dim=0 declares per-sample losses...
+    """
+    if batch_dim is None:
+        return
+    if losses.ndim == 0:
+        raise ValueError(
+            f"`losses` is a single (0-d) loss, but batch_dim={batch_dim} declares per-sample "
+            'losses: compute the loss with reduction="none" (e.g. F.cross_entropy(logits, y, '
+            'reduction="none")) so that it has one entry per sample.'
+        )
+    if losses.ndim <= batch_dim:
+        raise ValueError(
+            f"`losses` of shape {tuple(losses.shape)} has no dimension batch_dim={batch_dim}."
+        )
+
+
 @dataclass
 class JDOutput:
     """What :func:`jd_backward` did."""
@@ -192,6 +217,7 @@ def jd_backward(
     other_params_grad: OtherParamsGrad = "weighted",
     nonfinite: NonFinitePolicy = "raise",
     retain_graph: bool = False,
+    batch_dim: int | None = None,
 ) -> JDOutput:
     r"""Accumulate the Jacobian-descent gradient of ``losses`` into ``.grad`` (steps 1–3 of the
     module docstring) and return the weights.
@@ -210,6 +236,11 @@ def jd_backward(
         under ``torch.compile`` it is not read here: the gradients are written masked and the
         flag is returned in ``ok``.
     :param retain_graph: keep the graph of ``losses`` after the call.
+    :param batch_dim: the dimension of ``losses`` that indexes samples, when the losses are
+        per-sample (``None``: they are not declared so). ``losses`` must have that dimension:
+        a 0-d loss (a mean, i.e. a forgotten ``reduction="none"``) raises ``ValueError``. An
+        engine with :attr:`~jdoptim.gramian.GramianEngine.shaped_losses` gets ``losses`` as
+        they are and ``batch_dim``, any other engine the flat vector.
 
     >>> import torch
     >>> from jdoptim.aggregation import UPGradWeighting
@@ -227,6 +258,7 @@ def jd_backward(
         raise ValueError(
             f"`other_params_grad` should be one of {_OTHER}, but got {other_params_grad!r}."
         )
+    check_batch_dim(losses, batch_dim)
     params = list(params)
     other_params = list(other_params)
     if not params and not other_params:
@@ -244,7 +276,12 @@ def jd_backward(
     if not params:
         raise ValueError("Jacobian descent needs at least one JD parameter requiring grad.")
     flat = losses.reshape(-1)
-    result = engine.compute(flat, params, retain_graph=retain_graph or bool(other_params))
+    keep = retain_graph or bool(other_params)
+    if engine.shaped_losses:  # the losses as they are, and which dimension is the batch
+        extra = {} if batch_dim is None else {"batch_dim": batch_dim}
+        result = engine.compute(losses, params, retain_graph=keep, **extra)
+    else:
+        result = engine.compute(flat, params, retain_graph=keep)
     gramian = result.gramian.detach()
 
     ok: Tensor | None = None
@@ -306,7 +343,12 @@ def _scalar_backward(
     retain_graph: bool,
 ) -> JDOutput:
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-    sq = [g.detach().float().square().sum() for g in grads if g is not None]
+    found = [g.detach() for g in grads if g is not None]
+    dtype = accumulation_dtype(*(g.dtype for g in found))
+    # |2^-s g|^2 (s = 0 unless the gradient is huge or tiny, see jdoptim.gramian._scale).
+    shift = gram_shift([exponent(g) for g in found], dtype, loss.device)
+    scale = pow2(-shift, dtype)
+    sq = [(g.to(dtype) * scale).square().sum() for g in found]
     gramian = torch.stack(sq).sum().reshape(1, 1) if sq else loss.new_zeros(1, 1).float()
     ok: Tensor | None = None
     if check:

@@ -7,9 +7,10 @@ the inner optimizer's ``step()``.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from ._functional import (
 )
 from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
 from .gramian import GramianEngine, resolve_engine
+from .gramian.layerwise import LayerwiseGramianEngine
+from .gramian.multitask import MultiTaskGramianEngine
 
 
 class _StepRecord:
@@ -38,6 +41,15 @@ class _StepRecord:
         self.skipped_steps = 0
         self.skip_next = False
         self.pending_ok: Tensor | None = None
+
+
+def _batch_dim(batch_dim: int | None, engine: GramianEngine) -> int | None:
+    """The batch dimension of the losses: ``batch_dim``, else the engine's own (the model's)."""
+    if batch_dim is not None and (
+        isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0
+    ):
+        raise ValueError(f"`batch_dim` should be None or an int >= 0, but got {batch_dim!r}.")
+    return getattr(engine, "batch_dim", None) if batch_dim is None else batch_dim
 
 
 class JDOptimizer(torch.optim.Optimizer):
@@ -76,7 +88,14 @@ class JDOptimizer(torch.optim.Optimizer):
         (:class:`~jdoptim.gramian.MultiTaskGramianEngine`): same update, far cheaper.
     :param model: the module whose layers the layer-wise engine hooks (per-sample losses).
     :param batch_dim: the batch dimension of per-sample losses (``losses`` of shape ``[B]`` or
-        ``[B, K]`` with ``batch_dim=0``): declares that loss ``b`` depends on sample ``b`` only.
+        ``[B, K]`` with ``batch_dim=0``, ``[K, B]`` or ``[T, B]`` with ``batch_dim=1``):
+        declares that the losses at index ``b`` of that dimension depend on sample ``b`` only.
+        Losses without that dimension (a 0-d mean: use ``reduction="none"``) raise
+        ``ValueError``, and so, with the layer-wise engine, does a dimension whose size no
+        hooked layer saw as its batch. ``None``: the engine's ``batch_dim`` when it has one.
+        ``engine="auto"`` / ``"layerwise"`` hook the model with the same batch dimension (a
+        sequence-first model for ``batch_dim=1``); for a batch-first model with ``[K, B]``
+        losses pass ``engine=LayerwiseGramianEngine(model, batch_dim=0)`` and ``batch_dim=1``.
     :param chunk_size: rows of the Jacobian per backward pass for the Jacobian engine (``None``:
         all at once; ``1``: no ``vmap``).
     :param nonfinite: what to do when the losses or the Gramian hold NaN/inf: ``"raise"``
@@ -160,6 +179,7 @@ class JDOptimizer(torch.optim.Optimizer):
             model=model,
             batch_dim=batch_dim,
         )
+        self.batch_dim = _batch_dim(batch_dim, self.engine)
         from ._functional import _OTHER, _POLICIES
 
         if nonfinite not in _POLICIES:
@@ -276,6 +296,7 @@ class JDOptimizer(torch.optim.Optimizer):
                     other_params_grad=self.other_params_grad,
                     nonfinite=self.nonfinite,
                     retain_graph=retain_graph,
+                    batch_dim=getattr(self, "batch_dim", None),
                 )
         except NotImplementedError as error:
             _explain_sparse_gradients(losses, jd, error)
@@ -325,7 +346,13 @@ class JDOptimizer(torch.optim.Optimizer):
           :meth:`backward`, clipping, accumulation);
         * ``step(closure=fn)``: ``fn()`` (run with grad enabled, once) returns the losses; then
           as ``step(losses)``. Optimizers that re-evaluate the closure (LBFGS) are not supported.
+          A callable given positionally is taken as the closure (``opt.step(fn)``, torch's
+          convention, which wrappers such as Accelerate's ``AcceleratedOptimizer`` follow).
         """
+        if callable(losses) and not isinstance(losses, Tensor):
+            if closure is not None:
+                raise ValueError("Give either `losses` or `closure`, not both.")
+            losses, closure = None, losses
         if closure is not None:
             if losses is not None:
                 raise ValueError("Give either `losses` or `closure`, not both.")
@@ -341,19 +368,145 @@ class JDOptimizer(torch.optim.Optimizer):
         return weights
 
     # -- checkpointing -------------------------------------------------------------------------
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The inner optimizer's state dict, the weighting's (``nn.Module``) state and the
-        step counters."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
+        """The inner optimizer's state dict, plus the JD extras under one key, ``"jdoptim"``.
+
+        ``state`` and ``param_groups`` (and any other top-level key of the inner optimizer) are
+        the inner optimizer's, so tools that read ``state_dict()["state"]`` or rebuild the
+        dict from those two keys (``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict``, Lightning, Accelerate) see a standard optimizer state
+        dict. ``state_dict()["jdoptim"]`` holds the weighting's ``nn.Module`` state dict
+        (``"weighting"``), the step counters (``"skipped_steps"``) and the format
+        (``"version"``). As with torch optimizers, the tensors are references to the live
+        state: copy them (or save them) before training on.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = dict(self.optimizer.state_dict())
+        state_dict[_STATE_KEY] = {
+            "version": _STATE_VERSION,
             "weighting": self.weighting.state_dict(),
             "skipped_steps": self._record.skipped_steps,
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.weighting.load_state_dict(state_dict["weighting"])
-        self._record.skipped_steps = int(state_dict.get("skipped_steps", 0))
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Load a state dict saved by :meth:`state_dict`; nothing changes when it is refused.
+
+        Three formats load:
+
+        * this version's (the inner optimizer's state dict plus ``"jdoptim"``);
+        * jdoptim 0.1.0's (``{"optimizer": ..., "weighting": ..., "skipped_steps": ...}``);
+        * a plain state dict of the inner optimizer (``state`` and ``param_groups`` only:
+          migrating a run to JD, or ``torch.distributed.checkpoint``'s
+          ``set_optimizer_state_dict``): the inner optimizer's state is loaded, and the
+          weighting starts fresh (every :class:`~jdoptim.aggregation.Stateful` module is
+          reset) with ``skipped_steps = 0``.
+
+        Everything is checked before anything is written (the inner optimizer's parameter
+        groups, the weighting's keys and shapes, on a copy of the weighting), so a refused
+        state dict raises ``ValueError`` or ``TypeError`` and leaves the inner optimizer, the
+        weighting and the counters untouched.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"`state_dict` should be a mapping. Found `{type(state_dict).__name__}`."
+            )
+        state_dict = dict(state_dict)  # shallow copy, as torch's optimizers do
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+
+        # 1. Validate everything (no writes).
+        inner, extras = _split_state_dict(state_dict)
+        _check_inner_state_dict(self.optimizer, inner)
+        weighting_state = None
+        skipped_steps = 0
+        if extras is not None:
+            weighting_state = extras["weighting"]
+            skipped_steps = extras["skipped_steps"]
+            probe = copy.deepcopy(self.weighting)
+            try:
+                probe.load_state_dict(weighting_state)
+            except (RuntimeError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(
+                    f"The saved weighting state does not fit {self.weighting!r}: {err}"
+                ) from err
+
+        # 2. Write. The inner optimizer's own load validates before it writes (torch's do).
+        self.optimizer.load_state_dict(inner)
+        if weighting_state is None:
+            for module in self.weighting.modules():
+                if isinstance(module, Stateful):
+                    module.reset()
+        else:
+            self.weighting.load_state_dict(weighting_state)
+        self._record.skipped_steps = skipped_steps
+
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # -- copying and pickling -------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+        """``copy.deepcopy`` and ``pickle`` support.
+
+        ``torch.optim.Optimizer`` keeps only ``defaults``, ``state`` and ``param_groups``,
+        which are properties here (the inner optimizer's): the whole object is kept instead.
+        As for torch optimizers, copy the model and the optimizer together
+        (``copy.deepcopy((model, opt))``, one ``pickle.dumps((model, opt))``) for the copy to
+        step the copied model. An engine that hooks the model's modules (layer-wise,
+        multi-task) records into itself from those hooks, which a copy of the model would
+        still call: such an optimizer refuses to be copied (build a new one on the copy).
+        In a distributed run the copy resolves its own communicator on its first backward;
+        a ``process_group`` given at construction is shared by ``deepcopy`` and cannot be
+        pickled (as torch's process groups).
+        """
+        if isinstance(self.engine, _HOOK_ENGINES):
+            raise TypeError(
+                f"A JDOptimizer with the hook-based {type(self.engine).__name__} cannot be "
+                "copied or pickled: the hooks on the model's modules belong to this engine. "
+                "Copy or pickle the model (and, for the inner optimizer's state, "
+                "`opt.state_dict()`) and build a new JDOptimizer on the copy."
+            )
+        state = self.__dict__.copy()
+        if self._jd_ids is not None:
+            # Partial JD names its parameters by id(), which a copy does not keep: carry the
+            # tensors themselves (copied along with the inner optimizer's) and re-key them.
+            state["_jd_ids"] = [
+                p for group in self.param_groups for p in group["params"] if id(p) in self._jd_ids
+            ]
+        if state.get("_comm") is not None:
+            # The distributed step's communicator (jdoptim.distributed) holds a process group,
+            # which cannot be copied: the copy resolves its own on its first backward.
+            state["_comm"] = None
+            state["_comm_resolved"] = False
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> JDOptimizer:
+        # As pickling (`__getstate__`), except that a process group given to the distributed
+        # step is shared with the copy: it is a handle on the running processes, not state.
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        state = self.__getstate__()
+        group = state.get("process_group")
+        if group is not None:
+            memo.setdefault(id(group), group)
+        copied.__setstate__(copy.deepcopy(state, memo))
+        return copied
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if state.get("_jd_ids") is not None:
+            state["_jd_ids"] = frozenset(id(p) for p in state["_jd_ids"])
+        self.__dict__.update(state)
+        self._patch_step_function()
 
     def close(self) -> None:
         """Remove the hooks that the engine placed on the model (layer-wise and multi-task
@@ -377,6 +530,96 @@ class JDOptimizer(torch.optim.Optimizer):
             f"JDOptimizer(optimizer={type(self.optimizer).__name__}, weighting={self.weighting!r}, "
             f"engine={self.engine!r}, nonfinite={self.nonfinite!r})"
         )
+
+
+# Engines whose forward hooks on the model record into the engine (see `__getstate__`).
+_HOOK_ENGINES = (LayerwiseGramianEngine, MultiTaskGramianEngine)
+
+_STATE_KEY = "jdoptim"
+# Version of the "jdoptim" entry. jdoptim 0.1.0 used another layout (version 1, see
+# `_split_state_dict`); version 2 is the inner optimizer's state dict plus `_STATE_KEY`.
+_STATE_VERSION = 2
+
+
+def _split_state_dict(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Split a saved state dict into the inner optimizer's and the validated JD extras
+    (``None`` for a plain inner state dict)."""
+    if _STATE_KEY in state_dict:
+        extras = state_dict[_STATE_KEY]
+        inner = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        if not isinstance(extras, Mapping):
+            raise TypeError(
+                f'`state_dict["{_STATE_KEY}"]` should be a mapping. Found '
+                f"`{type(extras).__name__}`."
+            )
+        version = extras.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(
+                f'Unknown `state_dict["{_STATE_KEY}"]["version"]` {version!r}: this jdoptim '
+                f"reads version {_STATE_VERSION} (and jdoptim 0.1.0's format). Was it saved by "
+                "a newer jdoptim?"
+            )
+    elif "optimizer" in state_dict and "state" not in state_dict:
+        # jdoptim 0.1.0: {"optimizer": inner, "weighting": ..., "skipped_steps": ...}.
+        inner = state_dict["optimizer"]
+        extras = {k: v for k, v in state_dict.items() if k != "optimizer"}
+        extras.setdefault("skipped_steps", 0)
+        if not isinstance(inner, Mapping):
+            raise TypeError(
+                '`state_dict["optimizer"]` (jdoptim 0.1.0 format) should be a mapping. Found '
+                f"`{type(inner).__name__}`."
+            )
+        inner = dict(inner)
+    else:
+        return state_dict, None
+    missing = [key for key in ("weighting", "skipped_steps") if key not in extras]
+    if missing:
+        raise ValueError(f"The saved JD state misses the key(s) {missing}.")
+    if not isinstance(extras["weighting"], Mapping):
+        raise TypeError(
+            "The saved weighting state should be a mapping (an nn.Module state dict). Found "
+            f"`{type(extras['weighting']).__name__}`."
+        )
+    skipped = extras["skipped_steps"]
+    if isinstance(skipped, Tensor) and skipped.numel() == 1 and not skipped.is_floating_point():
+        skipped = int(skipped)  # eager-only checkpoint code: a host read is fine
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+        raise ValueError(f"`skipped_steps` should be a non-negative int. Found {skipped!r}.")
+    return inner, {"weighting": extras["weighting"], "skipped_steps": skipped}
+
+
+def _check_inner_state_dict(optimizer: torch.optim.Optimizer, inner: dict[str, Any]) -> None:
+    """The checks of ``torch.optim.Optimizer.load_state_dict``, made before anything is written
+    (so that a refused JD state dict changes nothing)."""
+    missing = [key for key in ("state", "param_groups") if key not in inner]
+    if missing:
+        raise ValueError(
+            f"The state dict misses the key(s) {missing}. Expected the state dict of a "
+            "JDOptimizer (the inner optimizer's keys plus 'jdoptim'), of jdoptim 0.1.0 "
+            "('optimizer', 'weighting', 'skipped_steps') or of a plain torch optimizer "
+            "('state', 'param_groups')."
+        )
+    if not isinstance(inner["state"], Mapping):
+        raise TypeError(f"`state` should be a mapping. Found `{type(inner['state']).__name__}`.")
+    saved = inner["param_groups"]
+    if not isinstance(saved, (list, tuple)) or not all(
+        isinstance(group, Mapping) and "params" in group for group in saved
+    ):
+        raise TypeError("`param_groups` should be a list of dicts, each with a 'params' entry.")
+    groups = optimizer.param_groups
+    if len(saved) != len(groups):
+        raise ValueError(
+            f"The state dict has {len(saved)} parameter group(s); the inner optimizer has "
+            f"{len(groups)}."
+        )
+    for i, (group, saved_group) in enumerate(zip(groups, saved, strict=True)):
+        if len(group["params"]) != len(saved_group["params"]):
+            raise ValueError(
+                f"Parameter group {i} of the state dict has {len(saved_group['params'])} "
+                f"parameter(s); the inner optimizer's has {len(group['params'])}."
+            )
 
 
 def _unique(params: Iterable[Tensor]) -> list[Tensor]:

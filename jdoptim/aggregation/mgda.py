@@ -38,9 +38,9 @@ def frank_wolfe_min_norm(gramian: Tensor, epsilon: float, max_iters: int) -> Ten
     and sets :math:`\alpha \leftarrow (1 - \gamma)\alpha + \gamma e_t` (:math:`\gamma` clamped
     to :math:`[0, 1]` against rounding, so that :math:`\alpha \ge 0` holds exactly). The first
     iteration with :math:`\gamma < \varepsilon` is applied and then freezes :math:`\alpha` (a
-    ``done`` flag read through ``torch.where``). On an accelerator the loop therefore always runs ``max_iters``
-    iterations and never syncs; on the CPU, where reading the flag is free, it stops at the flag
-    (:func:`~jdoptim.solvers._loop.bounded_loop`), with the same result.
+    ``done`` flag read through ``torch.where``). On an accelerator the loop therefore always
+    runs ``max_iters`` iterations and never syncs; on the CPU, where reading the flag is free, it
+    stops at the flag (:func:`~jdoptim.solvers._loop.bounded_loop`), with the same result.
 
     >>> import torch
     >>> frank_wolfe_min_norm(torch.tensor([[18.0, -22.0], [-22.0, 38.0]]), 1e-3, 100)

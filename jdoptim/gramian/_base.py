@@ -34,6 +34,12 @@ class GramianResult(ABC):
     #: Whether :meth:`jacobian` is available (the full ``[M, n]`` Jacobian is in memory).
     materialized: bool = False
 
+    gramian_exponent: Tensor | None = None
+    """``None`` or an int 0-d tensor ``e``: the Gramian of the losses is
+    ``gramian * 2**e``. ``e = 0`` in the normal range; engines form the Gramian of gradients
+    scaled by a power of two when they are so large (or small) that it would overflow (or
+    underflow), see :mod:`jdoptim.gramian._scale`. The weighted gradient is never scaled."""
+
     @abstractmethod
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
         r"""Return :math:`J_p^\top w` for each parameter (``None`` where no loss reaches it).
@@ -62,11 +68,18 @@ class GramianEngine(ABC):
     #: Whether results can build an ``[M, n]`` Jacobian (needed by Jacobian-only aggregators).
     materializes_jacobian: bool = False
 
+    #: Whether :meth:`compute` reads the shape of the losses (e.g. which dimension is the
+    #: batch). :func:`jdoptim.jd_backward` gives such an engine the losses as they are, and
+    #: any other engine the flat vector ``losses.reshape(-1)``. The Gramian is always in the
+    #: row-major order of the flattened losses.
+    shaped_losses: bool = False
+
     @abstractmethod
     def compute(
         self, losses: Tensor, params: Sequence[Tensor], *, retain_graph: bool = False
     ) -> GramianResult:
-        """Differentiate the flat ``[M]`` vector ``losses`` with respect to ``params``.
+        """Differentiate the flat ``[M]`` vector ``losses`` (any shape, for an engine with
+        :attr:`shaped_losses`) with respect to ``params``.
 
         ``retain_graph`` keeps the autograd graph of ``losses`` alive after the call (needed
         when something else still back-propagates through it).

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._kernels import linear_gram_kernel
+from ._scale import exponent, pow2
 
 _RMSNorm = getattr(nn, "RMSNorm", nn.LayerNorm)
 
@@ -44,6 +46,9 @@ class Dims:
     B: int
     K: int
     batch_dim: int
+    """The batch dimension of the layers' inputs and outputs."""
+    loss_dim: int = 0
+    """The batch dimension of the losses."""
 
 
 def _flat(D: Tensor, B: int, K: int, p: int) -> Tensor:
@@ -65,11 +70,20 @@ class PerSample:
         for i, J in other.items():
             self.grads[i] = J if i not in self.grads else self.grads[i] + J
 
-    def gram(self, dims: Dims) -> Tensor | None:
+    def exponent(self) -> Tensor | None:
+        """Bound on the per-sample gradients: ``max|g| < 2**exponent()`` (see ``_scale``)."""
+        if not self.grads:
+            return None
+        return torch.stack([exponent(J) for J in self.grads.values()]).amax()
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor | None:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
         if not self.grads:
             return None
         BK = dims.B * dims.K
         J = torch.cat([J.reshape(BK, -1) for J in self.grads.values()], dim=1)
+        if shift is not None:
+            J = J * pow2(-shift, J.dtype)
         return (J @ J.mT).reshape(dims.B, dims.K, dims.B, dims.K)
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
@@ -150,26 +164,48 @@ class LinearFactor:
             out[self.bias] = self.D.sum(3).permute(1, 2, 0, 3).reshape(B, K, -1)
         return out
 
-    def gram(self, dims: Dims) -> Tensor:
+    def _input_exponent(self) -> Tensor:
+        """``y``: the inputs (and the bias's constant input 1) are below ``2**y``."""
+        e = exponent(self.A)
+        return e if self.bias is None else e.clamp(min=1)
+
+    def exponent(self) -> Tensor:
+        """Bound on the per-sample gradients (up to the factor ``T``): ``max|D| max|A|``."""
+        return exponent(self.D) + self._input_exponent()
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``: the inputs are
+        scaled by ``2**-y`` (below 1) and the output gradients by ``2**(y - shift)``."""
         G, B, T, d = self.A.shape
         K, p = dims.K, self.D.shape[-1]
+        A, D, one = self.A, self.D, None
+        if shift is not None:
+            y = self._input_exponent()
+            c = pow2(-y, A.dtype)  # the bias's input 1, scaled like the inputs
+            A = A * c
+            D = D * pow2(y - shift, D.dtype)
+            one = c * c
         kernel_first = _kernel_first(B, K, T, p) < _pairwise(B, K, T, p)
         kernel = linear_gram_kernel(self.A.device.type)
         if kernel is not None and not kernel_first:
-            # The fused Triton kernel of jdoptim.kernels (CUDA) forms the pairwise order.
-            return kernel(self.A, self.D, self.bias is not None)
-        Af = self.A.reshape(G, B * T, d)
+            # The fused Triton kernel of jdoptim.kernels (CUDA) forms the pairwise order; the
+            # bias is then one more input column (the kernel adds an unscaled 1).
+            if self.bias is not None and one is not None:
+                A = torch.cat([A, c.expand(*A.shape[:-1], 1)], dim=-1)
+                return kernel(A, D, False)
+            return kernel(A, D, self.bias is not None)
+        Af = A.reshape(G, B * T, d)
         AA = Af @ Af.mT
         if self.bias is not None:
-            AA = AA + 1
+            AA = AA + (1 if one is None else one)
         if kernel_first:
             # KD[g, c, l, (b, t), q] = sum_s AA[g, (b, t), (c, s)] D[g, c, l, s, q]; for B = 1
             # (multi-task losses over a whole batch) neither product copies D or KD.
             AAc = AA.reshape(G, B * T, B, T).permute(0, 2, 1, 3).unsqueeze(2)
-            KD = (AAc @ self.D).reshape(G, B, K, B, T * p).permute(0, 3, 1, 2, 4)
-            out = self.D.reshape(G, B, 1, K, T * p) @ KD.mT  # [g, b, c, k, l]
+            KD = (AAc @ D).reshape(G, B, K, B, T * p).permute(0, 3, 1, 2, 4)
+            out = D.reshape(G, B, 1, K, T * p) @ KD.mT  # [g, b, c, k, l]
             return out.sum(0).permute(0, 2, 1, 3)
-        Df = self.D.reshape(G, B * K * T, p)
+        Df = D.reshape(G, B * K * T, p)
         DD = Df @ Df.mT
         prod = DD.reshape(G, B, K, T, B, K, T) * AA.reshape(G, B, 1, T, B, 1, T)
         return prod.sum(dim=(0, 3, 6))
@@ -222,11 +258,17 @@ class EmbeddingFactor:
         J = self.D.new_zeros(B, K, self.V, p).scatter_add(2, index, self.D)
         return {self.weight: J.reshape(B, K, -1)}
 
-    def gram(self, dims: Dims) -> Tensor:
+    def exponent(self) -> Tensor:
+        """Bound on the per-sample gradients (up to the factor ``T``)."""
+        return exponent(self.D)
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
         B, K, T, p = self.D.shape
         flat = self.idx.reshape(B * T)
         same = (flat[:, None] == flat[None, :]).to(self.D.dtype)
-        Df = self.D.reshape(B * K * T, p)
+        D = self.D if shift is None else self.D * pow2(-shift, self.D.dtype)
+        Df = D.reshape(B * K * T, p)
         prod = (Df @ Df.mT).reshape(B, K, T, B, K, T) * same.reshape(B, 1, T, B, 1, T)
         return prod.sum(dim=(2, 5))
 
@@ -248,6 +290,11 @@ class Rule:
 
     #: Short name, shown in reports.
     name = "generic"
+
+    #: The direct parameters the rule differentiates. A module with any other direct parameter
+    #: (``weight_orig`` of ``prune``, ``weight_g``/``weight_v`` of ``weight_norm``) is not
+    #: covered by the rule (:func:`rule_for`).
+    params: tuple[str, ...] = ()
 
     def save(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         """What the forward hook keeps (detached)."""
@@ -278,6 +325,7 @@ def _wanted(pidx: dict[str, int], name: str, want: Want) -> int | None:
 
 class LinearRule(Rule):
     name = "linear"
+    params = ("weight", "bias")
 
     def factors(self, module, pidx, saved, D, dims, want):
         B, K = dims.B, dims.K
@@ -323,6 +371,7 @@ class ConvRule(Rule):
     """``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, padding mode, dilation, groups)."""
 
     name = "conv"
+    params = ("weight", "bias")
 
     def valid(self, module, saved, output, dims):
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
@@ -357,6 +406,7 @@ class EmbeddingRule(Rule):
     """``nn.Embedding`` (not ``sparse``, not ``scale_grad_by_freq``: those use the fallback)."""
 
     name = "embedding"
+    params = ("weight",)
 
     def save(self, module, args, output):
         return args[0]
@@ -390,6 +440,7 @@ class AffineNormRule(Rule):
     """
 
     name = "affine_norm"
+    params = ("weight", "bias")
 
     def _channelwise(self, module: nn.Module) -> bool:
         return not isinstance(module, (nn.LayerNorm, _RMSNorm))
@@ -459,34 +510,91 @@ LINEAR, CONV, EMBEDDING, AFFINE_NORM, GENERIC = (
 )
 
 
-def _plain(module: nn.Module, cls: type[nn.Module]) -> bool:
-    """``module`` is a ``cls`` whose ``forward`` is ``cls.forward`` (subclasses that override it
-    may compute something else)."""
-    return isinstance(module, cls) and type(module).forward is cls.forward
+def _plain(module: nn.Module, cls: type[nn.Module], *methods: str) -> bool:
+    """``module`` is a ``cls`` that computes what ``cls`` computes: ``forward`` and the helper
+    ``methods`` it calls are ``cls``'s (a subclass may override them, e.g. ``_conv_forward``),
+    and no instance attribute replaces ``forward``."""
+    if not isinstance(module, cls) or "forward" in module.__dict__:
+        return False
+    kind = type(module)
+    return all(getattr(kind, m) is getattr(cls, m) for m in ("forward", *methods))
 
 
-def rule_for(module: nn.Module) -> Rule:
-    """The rule of ``module`` (:data:`GENERIC`: exact fallback, for anything not listed)."""
+_NORMS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.LayerNorm, ()),
+    (_RMSNorm, ()),
+    (nn.GroupNorm, ()),
+    (nn.InstanceNorm1d, ("_apply_instance_norm",)),
+    (nn.InstanceNorm2d, ("_apply_instance_norm",)),
+    (nn.InstanceNorm3d, ("_apply_instance_norm",)),
+    (nn.BatchNorm1d, ()),
+    (nn.BatchNorm2d, ()),
+    (nn.BatchNorm3d, ()),
+)
+
+
+def _type_rule(module: nn.Module) -> Rule:
     if _plain(module, nn.Linear):
         return LINEAR
-    if _plain(module, nn.Conv1d) or _plain(module, nn.Conv2d):
+    if _plain(module, nn.Conv1d, "_conv_forward") or _plain(module, nn.Conv2d, "_conv_forward"):
         return CONV
     if _plain(module, nn.Embedding):
         return GENERIC if module.sparse or module.scale_grad_by_freq else EMBEDDING
-    norms: tuple[type[nn.Module], ...] = (
-        nn.LayerNorm,
-        _RMSNorm,
-        nn.GroupNorm,
-        nn.InstanceNorm1d,
-        nn.InstanceNorm2d,
-        nn.InstanceNorm3d,
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-    )
-    if any(_plain(module, cls) for cls in norms):
+    if any(_plain(module, cls, *methods) for cls, methods in _NORMS):
         return AFFINE_NORM
     return GENERIC
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The rule of ``module`` (:data:`GENERIC`: exact fallback, for anything not listed).
+
+    A rule covers a module only when the module's direct parameters are exactly what the rule
+    differentiates: a parametrised module (``torch.nn.utils.parametrize``, the
+    ``parametrizations`` versions of ``weight_norm`` / ``spectral_norm``), or one with other
+    direct parameters (``prune``'s ``weight_orig``, the old ``weight_norm``'s ``weight_g`` /
+    ``weight_v``, the old ``spectral_norm``'s ``weight_orig``), is :data:`GENERIC`. What can
+    change after construction (forward pre-hooks, parameters swapped) is checked at every call
+    by :func:`exact_call`.
+    """
+    if parametrize.is_parametrized(module):
+        return GENERIC
+    rule = _type_rule(module)
+    if any(name not in rule.params for name in module._parameters):
+        return GENERIC
+    return rule
+
+
+def exact_call(module: nn.Module, cls: type, params: dict[str, object], hook: object) -> bool:
+    """Whether a call of ``module`` computes exactly what its rule assumes, checked when the
+    call happens (the forward hook ``hook`` runs).
+
+    ``cls`` and ``params`` are the module's class and direct parameters when the rule was
+    chosen: a later parametrisation changes the class, a later ``prune`` / ``weight_norm``
+    renames the parameters and adds a forward pre-hook. Any forward pre-hook (the module's or a
+    global one) may change the inputs or the parameters, and a forward hook that runs before
+    ``hook`` (a global one, or one registered earlier on the module) may change the output
+    the engine records, unless it is marked ``_jdoptim_passive`` (the engines' own hooks that
+    return nothing).
+    """
+    if type(module) is not cls or module._forward_pre_hooks or _global_pre_hooks():
+        return False
+    if any(not getattr(h, "_jdoptim_passive", False) for h in _global_hooks().values()):
+        return False
+    for h in module._forward_hooks.values():
+        if h is hook:
+            break
+        if not getattr(h, "_jdoptim_passive", False):
+            return False
+    current = module._parameters
+    return len(current) == len(params) and all(current.get(k) is v for k, v in params.items())
+
+
+def _global_pre_hooks() -> dict:
+    return nn.modules.module._global_forward_pre_hooks
+
+
+def _global_hooks() -> dict:
+    return nn.modules.module._global_forward_hooks
 
 
 def mixes_samples(module: nn.Module) -> bool:

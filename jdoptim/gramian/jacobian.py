@@ -26,11 +26,17 @@ from torch import Tensor
 
 from ._base import GramianEngine, GramianResult
 from ._kernels import accumulate_gram, accumulation_dtype
+from ._scale import exponent, gram_shift, pow2
 from ._vjp import chunked_batched_grad
 
 
 class JacobianResult(GramianResult):
-    """Per-parameter Jacobians ``[M, *p.shape]`` (``None`` where unreached) and their Gramian."""
+    """Per-parameter Jacobians ``[M, *p.shape]`` (``None`` where unreached) and their Gramian.
+
+    ``loss_shift`` (an int 0-d tensor ``s``, see :class:`JacobianEngine`): the given Jacobians
+    are those of the losses scaled by ``2**-s``; the Gramian, :attr:`jacobians`, the Jacobian and
+    the weighted gradients are those of the losses themselves.
+    """
 
     materialized = True
 
@@ -40,26 +46,47 @@ class JacobianResult(GramianResult):
         jacobians: Sequence[Tensor | None],
         m: int,
         device: torch.device | None = None,
+        *,
+        loss_shift: Tensor | None = None,
     ) -> None:
         self.params = list(params)
-        self.jacobians = list(jacobians)
-        blocks = [j.reshape(m, -1) for j in self.jacobians if j is not None]
+        self._jacobians = list(jacobians)
+        blocks = [j.reshape(m, -1) for j in self._jacobians if j is not None]
         self._blocks = blocks
         dtype = accumulation_dtype(*(b.dtype for b in blocks))
         device = blocks[0].device if blocks else device
+        self._dtype = dtype
+        if loss_shift is None:
+            loss_shift = torch.zeros((), dtype=torch.int32, device=device)
+        self._loss_shift = loss_shift.to(device=device, dtype=torch.int32)
         gramian = torch.zeros(m, m, dtype=dtype, device=device)
         for block in blocks:
             gramian = accumulate_gram(gramian, block)
-        self.gramian = gramian
+        # Back to the losses' own scale, unless that Gramian is not representable: then a
+        # power of two from its largest diagonal entry (see jdoptim.gramian._scale).
+        top = exponent(gramian.diagonal())  # 2**(top-1) <= max_i |g_i|^2 (of 2**-s L)
+        grad_exp = self._loss_shift + torch.div(top + 1, 2, rounding_mode="floor")
+        shift = gram_shift([grad_exp], dtype, gramian.device)
+        c = pow2(self._loss_shift - shift, dtype)
+        self.gramian = (gramian * c) * c
+        self.gramian_exponent = 2 * shift
+
+    @property
+    def jacobians(self) -> list[Tensor | None]:
+        """The per-parameter Jacobians of the losses (``None`` where unreached)."""
+        c = pow2(self._loss_shift, self._dtype)
+        return [None if j is None else j * c.to(j.dtype) for j in self._jacobians]
 
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
         out: list[Tensor | None] = []
-        for p, jac in zip(self.params, self.jacobians, strict=True):
+        for p, jac in zip(self.params, self._jacobians, strict=True):
             if jac is None:
                 out.append(None)
                 continue
             dtype = accumulation_dtype(jac.dtype, weights.dtype)
-            flat = weights.to(dtype) @ jac.reshape(jac.shape[0], -1).to(dtype)
+            # w^T J = (2^s w)^T (2^-s J): a power of two, so exactly.
+            w = weights.to(dtype) * pow2(self._loss_shift, dtype)
+            flat = w @ jac.reshape(jac.shape[0], -1).to(dtype)
             out.append(flat.reshape(p.shape).to(p.dtype))
         return out
 
@@ -69,12 +96,13 @@ class JacobianResult(GramianResult):
         dtype = self._blocks[0].dtype
         for b in self._blocks[1:]:
             dtype = torch.promote_types(dtype, b.dtype)
-        return torch.cat([b.to(dtype) for b in self._blocks], dim=1)
+        c = pow2(self._loss_shift, self._dtype).to(dtype)
+        return torch.cat([b.to(dtype) for b in self._blocks], dim=1) * c
 
     def split(self, vector: Tensor) -> list[Tensor | None]:
         out: list[Tensor | None] = []
         start = 0
-        for p, jac in zip(self.params, self.jacobians, strict=True):
+        for p, jac in zip(self.params, self._jacobians, strict=True):
             if jac is None:
                 out.append(None)
                 continue
@@ -103,6 +131,18 @@ class JacobianEngine(GramianEngine):
         ``M`` rows in one batched pass; ``c >= 2`` bounds the memory of the batched backward;
         ``1`` avoids ``vmap`` (``M`` plain backward passes).
 
+    **Scale.** Losses of size :math:`|L| \ge 2^{32}` (float32 Gramian) are differentiated as
+    :math:`2^{-s} L` with the smallest integer :math:`s` bringing them below :math:`2^{32}`:
+    the cotangents of the batched backward are :math:`2^{-s} I`, which costs nothing, and the
+    Jacobian, its Gramian and the weighted gradient are scaled back exactly (powers of two).
+    So JD on :math:`2^k L` equals :math:`2^k` times JD on :math:`L` for every :math:`k` that
+    keeps the plain gradient finite (unless the gradients exceed the losses by a factor above
+    about :math:`2^{32}/\sqrt{n}`). The Gramian handed to the weighting is :math:`G` itself
+    unless :math:`G` is not representable, then :math:`2^{-e} G` (``gramian_exponent``, see
+    :mod:`jdoptim.gramian._scale`). Tiny losses are not scaled up: a Gramian of gradients
+    below about :math:`2^{-63}` underflows as before (the layer-wise and multi-task engines
+    scale their factors by the gradients themselves and handle both ends).
+
     >>> import torch
     >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
     >>> losses = torch.stack([x.sum(), (x**2).sum()])  # J = [[1, 1], [2, 4]]
@@ -126,7 +166,11 @@ class JacobianEngine(GramianEngine):
             raise ValueError(f"`losses` should be a flat vector, got shape {tuple(losses.shape)}.")
         m = losses.shape[0]
         params = list(params)
+        # Huge losses (|L| >= 2^E) are differentiated as 2^-s L: their Jacobian, and its
+        # Gramian, then cannot overflow (see the class docstring).
+        shift = gram_shift([exponent(losses)], torch.float32, losses.device).clamp(min=0)
         eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
+        eye = eye * pow2(-shift, losses.dtype)
         try:
             jacobians = chunked_batched_grad(
                 [losses], params, [eye], self.chunk_size, retain_graph=retain_graph
@@ -134,7 +178,7 @@ class JacobianEngine(GramianEngine):
         except RuntimeError as error:
             _explain_compiled_backward_error(error)
             raise
-        return JacobianResult(params, jacobians, m, losses.device)
+        return JacobianResult(params, jacobians, m, losses.device, loss_shift=shift)
 
     def __repr__(self) -> str:
         return f"JacobianEngine(chunk_size={self.chunk_size})"

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._base import GramianEngine, GramianResult
+from ._graph import graph_visible, input_node, used_outside
 from ._kernels import accumulation_dtype
 from ._layers import (
     GENERIC,
@@ -74,9 +75,11 @@ from ._layers import (
     LinearFactor,
     PerSample,
     Rule,
+    exact_call,
     mixes_samples,
     rule_for,
 )
+from ._scale import gram_shift
 
 Strategy = Literal["auto", "ghost", "materialize"]
 _STRATEGIES = ("auto", "ghost", "materialize")
@@ -87,13 +90,26 @@ class _Info:
 
     def __init__(self, name: str, module: nn.Module, rule: Rule, pidx: dict[str, int]) -> None:
         self.name, self.module, self.rule, self.pidx = name, module, rule, pidx
+        self.cls = type(module)
+        self.params = dict(module._parameters)
+        self.hook: object = None
 
 
 class _Record:
     """One call of a hooked module: what its rule saved, and its output (still in the graph)."""
 
-    def __init__(self, info: _Info, saved: Tensor, output: Tensor, version: int) -> None:
+    def __init__(
+        self, info: _Info, saved: Tensor, output: Tensor, version: int, stop: object | None
+    ) -> None:
         self.info, self.saved, self.output, self.version = info, saved, output, version
+        self.stop = stop  # the grad_fn of the call's input (eager only, see _graph)
+
+
+class _Inexact:
+    """A call of a covered module that its rule cannot differentiate (see ``exact_call``)."""
+
+    def __init__(self, info: _Info) -> None:
+        self.info = info
 
 
 class LayerwiseResult(GramianResult):
@@ -124,7 +140,7 @@ class LayerwiseResult(GramianResult):
                 f"Expected {math.prod(self._losses_shape)} weights (losses of shape "
                 f"{self._losses_shape}), got a tensor of shape {tuple(weights.shape)}."
             )
-        w = weights.reshape(self._losses_shape).movedim(dims.batch_dim, 0)
+        w = weights.reshape(self._losses_shape).movedim(dims.loss_dim, 0)
         return w.reshape(dims.B, dims.K).to(self._dtype)
 
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
@@ -171,10 +187,16 @@ class LayerwiseGramianEngine(GramianEngine):
 
     **Losses.** :meth:`compute` takes losses whose dimension ``batch_dim`` has size ``B`` (the
     batch size of the hooked layers) and whose other dimensions are ``K`` losses per sample
-    (e.g. tasks): shape ``[B]``, ``[B, K]``, ... It returns the ``[M, M]`` Gramian,
-    ``M = B K``, in the row-major order of ``losses.flatten()`` (a flat ``[M]`` loss vector is
-    read as ``[B, M / B]`` when ``batch_dim = 0``); :func:`jdoptim.gramian.to_generalized_gramian`
-    turns it into ``[B, K, K, B]``. The Gramian is in float32 or wider.
+    (e.g. tasks, or positions): shape ``[B]`` or ``[B, K]`` for ``batch_dim=0``, ``[K, B]`` or
+    ``[T, B]`` for ``batch_dim=1``, ... It returns the ``[M, M]`` Gramian, ``M = B K``, in the
+    row-major order of ``losses.flatten()``; :func:`jdoptim.gramian.to_generalized_gramian`
+    turns it into the generalized Gramian. The Gramian is in float32 or wider. A loss tensor
+    without dimension ``batch_dim`` (e.g. a 0-d mean: use ``reduction="none"``), or whose
+    dimension ``batch_dim`` has a size that no hooked layer saw along ``batch_dim`` (e.g.
+    ``[K, B]`` losses with ``batch_dim=0``, or per-token losses flattened to ``[B T]``),
+    raises ``ValueError``. A dimension of the right size that is not the batch (``[K, B]``
+    losses with ``batch_dim=0`` and ``K = B``) cannot be told apart: declaring it is the
+    same as declaring per-sample losses that are not.
 
     **Compile.** With ``torch._dynamo.config.trace_autograd_ops = True``, a function doing the
     forward pass, :meth:`compute`, a weighting and :meth:`LayerwiseResult.backward` compiles with
@@ -207,6 +229,7 @@ class LayerwiseGramianEngine(GramianEngine):
 
     name = "layerwise"
     materializes_jacobian = False
+    shaped_losses = True
 
     def __init__(
         self,
@@ -228,7 +251,7 @@ class LayerwiseGramianEngine(GramianEngine):
         self._index: dict[int, int] = {}
         self._infos: list[_Info] = []
         self._handles: list[RemovableHandle] = []
-        self._records: list[_Record | _Info] = []
+        self._records: list[_Record | _Inexact | _Info] = []
         self._generic: set[int] = set()  # engine indices of parameters only the fallback covers
         seen: set[int] = set()
         for root in modules:
@@ -261,7 +284,9 @@ class LayerwiseGramianEngine(GramianEngine):
             self._generic.update(pidx.values())
         if rule is GENERIC and not can_mix:
             return
-        self._handles.append(module.register_forward_hook(self._make_hook(info)))
+        hook = self._make_hook(info)
+        info.hook = hook
+        self._handles.append(module.register_forward_hook(hook))
 
     def _make_hook(self, info: _Info):
         engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
@@ -277,11 +302,16 @@ class LayerwiseGramianEngine(GramianEngine):
                 return None
             if not output.requires_grad:
                 return None
+            if not exact_call(module, info.cls, info.params, info.hook):
+                engine._records.append(_Inexact(info))
+                return None
             saved = info.rule.save(module, args, output)
             version = -1 if torch.compiler.is_compiling() else output._version
-            engine._records.append(_Record(info, saved, output, version))
+            engine._records.append(_Record(info, saved, output, version, input_node(args)))
             return output.clone() if engine.clone_outputs else None
 
+        # Returns nothing (the output is unchanged) unless it clones the outputs.
+        hook._jdoptim_passive = not self.clone_outputs  # type: ignore[attr-defined]
         return hook
 
     def remove(self) -> None:
@@ -297,20 +327,38 @@ class LayerwiseGramianEngine(GramianEngine):
 
     # ------------------------------------------------------------------------------ compute
 
-    def _dims(self, losses: Tensor, records: list[_Record]) -> tuple[Tensor, Dims]:
-        bd = self.batch_dim
+    def _dims(self, losses: Tensor, records: list[_Record], loss_dim: int | None) -> Dims:
+        """``B`` and ``K`` of ``losses``; raises when their dimension ``loss_dim`` cannot be the
+        batch (missing, or of a size that no hooked layer saw along ``self.batch_dim``)."""
+        bd = self.batch_dim if loss_dim is None else loss_dim
+        if isinstance(bd, bool) or not isinstance(bd, int) or bd < 0:
+            raise ValueError(f"`batch_dim` should be None or an int >= 0, but got {bd!r}.")
+        layer_dim = self.batch_dim
+        shape = tuple(losses.shape)
         if losses.numel() == 0:
             raise ValueError("`losses` is empty.")
-        if losses.ndim == 1 and records and bd == 0:
-            out = records[0].output
-            if out.ndim > 0 and losses.shape[0] % out.shape[0] == 0:
-                losses = losses.reshape(out.shape[0], -1)
         if losses.ndim <= bd:
-            raise ValueError(
-                f"`losses` of shape {tuple(losses.shape)} has no batch dimension {bd}."
+            hint = (
+                " A single (0-d) loss is a mean over the batch: compute the loss with "
+                'reduction="none" to get one loss per sample.'
+                if losses.ndim == 0
+                else ""
             )
+            raise ValueError(f"`losses` of shape {shape} has no batch dimension {bd}.{hint}")
         B = losses.shape[bd]
-        return losses, Dims(B=B, K=losses.numel() // B, batch_dim=bd)
+        seen = sorted({r.output.shape[layer_dim] for r in records if r.output.ndim > layer_dim})
+        if records and B not in seen:
+            raise ValueError(
+                f"Dimension {bd} (`batch_dim`) of the losses, of shape {shape}, has size {B}, "
+                f"but the hooked layers saw batches of size {seen} along dimension {layer_dim}: "
+                "it cannot be the batch. Give the losses with the batch along `batch_dim` "
+                "(e.g. per-sample losses of shape [B] or [B, K] with batch_dim=0, [K, B] or "
+                "[T, B] with batch_dim=1; reshape per-token losses flattened to [B T] back to "
+                "[B, T]). The engine's own batch_dim is the model's (its layers' inputs and "
+                f"outputs, here {layer_dim}): for a batch-first model with [K, B] losses, use "
+                "engine=LayerwiseGramianEngine(model, batch_dim=0) with batch_dim=1."
+            )
+        return Dims(B=B, K=losses.numel() // B, batch_dim=layer_dim, loss_dim=bd)
 
     def _output_grads(
         self, losses: Tensor, outputs: list[Tensor], dims: Dims
@@ -319,14 +367,14 @@ class LayerwiseGramianEngine(GramianEngine):
         ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when ``K > 1``)."""
         if not outputs:
             return []
-        bd = dims.batch_dim
+        bd, ld = dims.batch_dim, dims.loss_dim
         if dims.K == 1:
             grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
             return [None if g is None else g.movedim(bd, 0).unsqueeze(1) for g in grads]
-        moved = losses.movedim(bd, 0)
+        moved = losses.movedim(ld, 0)
         eye = torch.eye(dims.K, dtype=losses.dtype, device=losses.device)
         E = eye[:, None, :].expand(dims.K, dims.B, dims.K).reshape(dims.K, *moved.shape)
-        E = E.movedim(1, bd + 1)
+        E = E.movedim(1, ld + 1)
         grads = torch.autograd.grad(
             losses,
             outputs,
@@ -356,17 +404,27 @@ class LayerwiseGramianEngine(GramianEngine):
             if g is None:
                 out.append(None)
                 continue
-            g = g.reshape(*losses.shape, -1).movedim(dims.batch_dim, 0)
+            g = g.reshape(*losses.shape, -1).movedim(dims.loss_dim, 0)
             out.append(g.reshape(dims.B, dims.K, -1))
         return out
 
     def compute(
-        self, losses: Tensor, params: Sequence[Tensor], *, retain_graph: bool = False
+        self,
+        losses: Tensor,
+        params: Sequence[Tensor],
+        *,
+        retain_graph: bool = False,
+        batch_dim: int | None = None,
     ) -> LayerwiseResult:
         """The Gramian of ``losses`` (per-sample, see the class docstring) with respect to
-        ``params``, from the calls stored since the last :meth:`compute` (which are dropped)."""
+        ``params``, from the calls stored since the last :meth:`compute` (which are dropped).
+
+        ``batch_dim`` is the batch dimension of ``losses`` when it differs from the model's
+        (the engine's ``batch_dim``), e.g. ``1`` for ``[K, B]`` losses of a batch-first model.
+        """
         records, self._records = self._records, []
         mixing = sorted({r.name for r in records if isinstance(r, _Info)})
+        inexact = [r.info for r in records if isinstance(r, _Inexact)]
         if mixing:
             raise ValueError(
                 "These modules mix the samples of a batch, so per-sample losses are not "
@@ -375,13 +433,15 @@ class LayerwiseGramianEngine(GramianEngine):
                 "or the Jacobian engine)."
             )
         calls: list[_Record] = [r for r in records if isinstance(r, _Record)]
-        losses, dims = self._dims(losses, calls)
+        dims = self._dims(losses, calls, batch_dim)
         params = list(params)
         slots = [self._index.get(id(p)) for p in params]
         wanted = {s for s in slots if s is not None}
 
         # Which calls are per-sample; parameters of any other call go to the fallback.
         invalid: set[int] = set(self._generic)
+        for info in inexact:
+            invalid.update(info.pidx.values())
         valid: list[_Record] = []
         for r in calls:
             ok = (
@@ -402,6 +462,14 @@ class LayerwiseGramianEngine(GramianEngine):
                 )
         covered = {i for r in valid for i in r.info.pidx.values()} - invalid
         covered &= wanted
+        if covered and graph_visible():
+            # Claimed parameters that the losses also use outside the recorded calls.
+            uses = [
+                (r.output, r.stop, [self._params[i] for i in r.info.pidx.values() if i in covered])
+                for r in valid
+            ]
+            outside = used_outside([losses], uses)
+            covered -= {i for i in covered if id(self._params[i]) in outside}
 
         def want(i: int) -> bool:
             return i in covered
@@ -431,15 +499,13 @@ class LayerwiseGramianEngine(GramianEngine):
                 next_slot += 1
 
         prepared = self._prepare(factors, pool)
-        G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=losses.device)
-        for f in prepared:
-            g = f.gram(dims)
-            if g is not None:
-                G = G + g
+        G, shift = scaled_gram(prepared, dims, dtype, losses.device)
         gramian = self._to_losses_order(G, losses.shape, dims)
-        return LayerwiseResult(
+        result = LayerwiseResult(
             gramian.detach(), params, fb_slots, prepared, dims, tuple(losses.shape), dtype
         )
+        result.gramian_exponent = 2 * shift
+        return result
 
     def _prepare(self, factors: list[Factor], pool: PerSample) -> list[Factor]:
         return prepare_factors(factors, pool, self.strategy)
@@ -448,12 +514,13 @@ class LayerwiseGramianEngine(GramianEngine):
     def _to_losses_order(G: Tensor, shape: torch.Size, dims: Dims) -> Tensor:
         """``[B, K, B, K]`` -> ``[M, M]`` in the row-major order of losses of ``shape``."""
         M = dims.B * dims.K
-        if dims.batch_dim == 0:
+        ld = dims.loss_dim
+        if ld == 0:
             return G.reshape(M, M)
-        moved = (dims.B, *shape[: dims.batch_dim], *shape[dims.batch_dim + 1 :])
+        moved = (dims.B, *shape[:ld], *shape[ld + 1 :])
         n = len(shape)
         G = G.reshape(*moved, *moved)
-        G = G.movedim(0, dims.batch_dim).movedim(n, n + dims.batch_dim)
+        G = G.movedim(0, ld).movedim(n, n + ld)
         return G.reshape(M, M)
 
     def __repr__(self) -> str:
@@ -474,17 +541,19 @@ def remove_handles(handles: list[RemovableHandle]) -> None:
     handles.clear()
 
 
-def weak_method_hook(method):
-    """A hook calling the bound ``method`` without keeping its object alive (no-op once the
-    object is gone)."""
-    # weakref.ref, not WeakMethod: Dynamo traces the former inside a compiled forward pass.
-    owner_ref, function = weakref.ref(method.__self__), method.__func__
-
-    def hook(*args):
-        owner = owner_ref()
-        return None if owner is None else function(owner, *args)
-
-    return hook
+def scaled_gram(
+    factors: list[Factor], dims: Dims, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``[B, K, B, K]`` Gramian of the factors' gradients scaled by ``2**-shift``, and the
+    shift (``0`` unless the gradients are huge or tiny: see :mod:`jdoptim.gramian._scale`)."""
+    bounds = [e for e in (f.exponent() for f in factors) if e is not None]
+    shift = gram_shift(bounds, dtype, device)
+    G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device)
+    for f in factors:
+        g = f.gram(dims, shift)
+        if g is not None:
+            G = G + g
+    return G, shift
 
 
 def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) -> list[Factor]:

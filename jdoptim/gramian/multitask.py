@@ -64,10 +64,12 @@ from torch.utils.hooks import RemovableHandle
 
 from ..aggregation._checks import should_check_values
 from ._base import GramianEngine, GramianResult
+from ._graph import graph_visible, input_node, leaf_users, local_nodes, outside_of, reachable
 from ._kernels import accumulation_dtype
-from ._layers import Dims, Factor, LinearRule, PerSample, rule_for
+from ._layers import Dims, Factor, LinearRule, PerSample, exact_call, rule_for
+from ._scale import gram_shift, pow2
 from ._vjp import chunked_batched_grad
-from .layerwise import Strategy, prepare_factors, remove_handles, weak_method_hook
+from .layerwise import Strategy, prepare_factors, remove_handles
 
 _STRATEGIES = ("auto", "ghost", "materialize")
 
@@ -82,10 +84,14 @@ class _HeadCall:
 
 
 class _TrunkCall:
-    """One call of a trunk ``nn.Linear``: its input (detached) and its output (in the graph)."""
+    """One call of a trunk ``nn.Linear``: its input (detached) and its output (in the graph);
+    ``exact`` is false when the Linear rule cannot differentiate it (``exact_call``)."""
 
-    def __init__(self, module: nn.Module, saved: Tensor, output: Tensor) -> None:
-        self.module, self.saved, self.output = module, saved, output
+    def __init__(
+        self, module: nn.Module, saved: Tensor, output: Tensor, stop: object, exact: bool = True
+    ) -> None:
+        self.module, self.saved, self.output, self.stop = module, saved, output, stop
+        self.exact = exact
 
 
 class MultiTaskResult(GramianResult):
@@ -220,13 +226,13 @@ class MultiTaskGramianEngine(GramianEngine):
             self._handles.append(head.register_forward_pre_hook(self._make_pre_hook(k)))
             self._handles.append(head.register_forward_hook(self._make_head_hook(k)))
         seen: set[int] = set()
-        trunk_hook = weak_method_hook(self._trunk_hook)
         for t in trunks:
             for module in t.modules():
                 if id(module) in seen or not isinstance(rule_for(module), LinearRule):
                     continue
                 seen.add(id(module))
-                self._handles.append(module.register_forward_hook(trunk_hook))
+                hook = self._make_trunk_hook(type(module), dict(module._parameters))
+                self._handles.append(module.register_forward_hook(hook))
         # The hooks hold the engine only weakly (the model must not keep it alive); once it is
         # gone, this finalizer unhooks the model.
         weakref.finalize(self, remove_handles, self._handles)
@@ -264,12 +270,21 @@ class MultiTaskGramianEngine(GramianEngine):
 
         return hook
 
-    def _trunk_hook(self, module: nn.Module, args: tuple, output: object) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
-            return
-        if not output.requires_grad or not args or not isinstance(args[0], Tensor):
-            return
-        self._trunk_calls.append(_TrunkCall(module, args[0].detach(), output))
+    def _make_trunk_hook(self, cls: type, params: dict[str, object]):
+        engine_ref = weakref.ref(self)
+
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            engine = engine_ref()
+            if engine is None or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+                return
+            if not output.requires_grad or not args or not isinstance(args[0], Tensor):
+                return
+            exact = exact_call(module, cls, params, hook)
+            call = _TrunkCall(module, args[0].detach(), output, input_node(args), exact)
+            engine._trunk_calls.append(call)
+
+        hook._jdoptim_passive = True  # type: ignore[attr-defined]
+        return hook
 
     def remove(self) -> None:
         """Remove the hooks and drop whatever they stored (also done when the engine is garbage
@@ -328,9 +343,18 @@ class MultiTaskGramianEngine(GramianEngine):
         if should_check_values(losses):
             self._check_one_loss_per_head(per_row)
 
+        # Parameters that the losses use outside the structure (a head reading a trunk weight,
+        # a head's weight read elsewhere) take the exact fallback below. Eager only (_graph).
+        roots, members = _roots(heads, per_row)
+        users = None
+        escaped: set[int] = set()
+        if graph_visible():
+            users, escaped = self._escaped(losses, params, heads, roots)
+        known = (self._head_of.keys() | self._trunk_params) - escaped
+
         # 2. One ordinary backward through the heads: every delta_k and head gradient.
         used = [k for k in range(m) if heads[k] is not None]
-        head_params = [p for p in params if id(p) in self._head_of]
+        head_params = [p for p in params if id(p) in self._head_of and id(p) in known]
         outputs = [heads[k].output for k in used]  # type: ignore[union-attr]
         cotangents = [per_row[k][k] for k in used]  # type: ignore[index]
         inputs = [heads[k].alias for k in used] + head_params  # type: ignore[union-attr]
@@ -354,7 +378,6 @@ class MultiTaskGramianEngine(GramianEngine):
         # Parameters outside the trunk and the heads: exact per-task gradients.
         dtype = accumulation_dtype(losses.dtype, *(d.dtype for d in deltas if d is not None))
         pool = PerSample({})
-        known = self._head_of.keys() | self._trunk_params
         others = [p for p in params if id(p) not in known]
         if others:
             jac = torch.autograd.grad(
@@ -366,64 +389,100 @@ class MultiTaskGramianEngine(GramianEngine):
                     pool.add({index[id(p)]: J.reshape(1, m, -1).to(dtype)})
 
         # 3. One backward through the trunk, batched over the m cotangents delta_k.
-        factors = self._trunk_factors(heads, deltas, trunk_calls, params, index, pool, dtype, keep)
+        trunk_params = [p for p in params if id(p) in self._trunk_params and id(p) in known]
+        factors = self._trunk_factors(
+            roots, members, deltas, trunk_calls, trunk_params, index, users, pool, dtype, keep
+        )
         prepared = prepare_factors(factors, pool, self.strategy)
         dims = Dims(B=1, K=m, batch_dim=0)
+        # The Gramian of the gradients scaled by 2^-shift (shift = 0 unless they are huge or
+        # tiny): it cannot overflow. The head blocks count in the shift too.
+        heads_only = PerSample({i: g.reshape(1, 1, -1) for i, (_, g) in head_grads.items()})
+        bounds = [e for e in (f.exponent() for f in [*prepared, heads_only]) if e is not None]
+        shift = gram_shift(bounds, dtype, losses.device)
         gramian = torch.zeros(m, m, dtype=dtype, device=losses.device)
         for f in prepared:
-            g = f.gram(dims)
+            g = f.gram(dims, shift)
             if g is not None:
                 gramian = gramian + g.reshape(m, m)
         if head_grads:
+            scale = pow2(-shift, dtype)
             sq = torch.zeros(m, dtype=dtype, device=losses.device)
             for k, g in head_grads.values():
-                sq = sq + eye[k].to(dtype) * g.to(dtype).pow(2).sum()
+                sq = sq + eye[k].to(dtype) * (g.to(dtype) * scale).pow(2).sum()
             gramian = gramian + torch.diag(sq)
-        return MultiTaskResult(gramian.detach(), params, prepared, head_grads, m, dtype)
+        result = MultiTaskResult(gramian.detach(), params, prepared, head_grads, m, dtype)
+        result.gramian_exponent = 2 * shift
+        return result
+
+    def _escaped(
+        self,
+        losses: Tensor,
+        params: list[Tensor],
+        heads: list[_HeadCall | None],
+        roots: list[Tensor],
+    ) -> tuple[dict[int, set], set[int]]:
+        """The users of the trunk and head parameters in the graph of the losses, and the ``id``
+        of those used outside their part: a head's parameter outside that head's call, a trunk
+        parameter outside the graph of the heads' inputs."""
+        mine = [p for p in params if id(p) in self._head_of or id(p) in self._trunk_params]
+        users = leaf_users([losses], mine)
+        regions: list[tuple[set, list[Tensor]]] = []
+        for k, h in enumerate(heads):
+            own = [p for p in mine if self._head_of.get(id(p)) == k]
+            nodes = (
+                set() if h is None or h.output is None else local_nodes(h.output, h.alias.grad_fn)
+            )
+            regions.append((nodes, own))
+        regions.append((reachable(roots), [p for p in mine if id(p) in self._trunk_params]))
+        return users, outside_of(users, regions)
 
     def _trunk_factors(
         self,
-        heads: list[_HeadCall | None],
+        roots: list[Tensor],
+        members: list[list[int]],
         deltas: list[Tensor | None],
         trunk_calls: list[_TrunkCall],
-        params: list[Tensor],
+        trunk_params: list[Tensor],
         index: dict[int, int],
+        users: dict[int, set] | None,
         pool: PerSample,
         dtype: torch.dtype,
         keep: bool,
     ) -> list[Factor]:
-        m = len(heads)
-        trunk_params = [p for p in params if id(p) in self._trunk_params]
+        m = len(deltas)
         if not trunk_params:
             return []
+        mine = {id(p) for p in trunk_params}
         # Trunk Linear weights with a recorded call are covered layer-wise (calls made without
-        # grad do not reach the losses).
+        # grad do not reach the losses), unless a call is not exact or the losses use them
+        # outside the recorded calls.
         covered: set[int] = set()
+        inexact: set[int] = set()
         calls: list[tuple[_TrunkCall, dict[str, int]]] = []
         for call in trunk_calls:
             pidx = {
                 name: index[id(p)]
                 for name, p in call.module.named_parameters(recurse=False)
-                if id(p) in index
+                if id(p) in mine
             }
-            if pidx:
+            if not call.exact:
+                inexact.update(pidx.values())
+            elif pidx:
                 calls.append((call, pidx))
                 covered.update(pidx.values())
+        covered -= inexact
+        if covered and users is not None:
+            by_index = {index[id(p)]: p for p in trunk_params}
+            regions = [
+                (local_nodes(c.output, c.stop), [by_index[i] for i in pidx.values()])
+                for c, pidx in calls
+            ]
+            outside = outside_of(users, regions)
+            covered -= {i for i in covered if id(by_index[i]) in outside}
+        calls = [(c, pidx) for c, pidx in calls if any(i in covered for i in pidx.values())]
         fallback = [p for p in trunk_params if index[id(p)] not in covered]
 
-        # The heads' inputs (usually one tensor z) and their batched cotangents.
-        roots: list[Tensor] = []
-        members: list[list[int]] = []
-        for k, h in enumerate(heads):
-            if h is None or deltas[k] is None:
-                continue
-            for j, r in enumerate(roots):
-                if r is h.source:
-                    members[j].append(k)
-                    break
-            else:
-                roots.append(h.source)
-                members.append([k])
         root_cotangents = [
             torch.stack([
                 d if k in ks and d is not None else torch.zeros_like(r)
@@ -470,6 +529,25 @@ class MultiTaskGramianEngine(GramianEngine):
             f"MultiTaskGramianEngine(n_tasks={self.n_tasks}, strategy={self.strategy!r}, "
             f"chunk_size={self.chunk_size})"
         )
+
+
+def _roots(
+    heads: list[_HeadCall | None], per_row: list[Tensor | None]
+) -> tuple[list[Tensor], list[list[int]]]:
+    """The heads' inputs (usually one tensor ``z``) and, for each, the tasks that read it."""
+    roots: list[Tensor] = []
+    members: list[list[int]] = []
+    for k, h in enumerate(heads):
+        if h is None or per_row[k] is None:
+            continue
+        for j, r in enumerate(roots):
+            if r is h.source:
+                members[j].append(k)
+                break
+        else:
+            roots.append(h.source)
+            members.append([k])
+    return roots, members
 
 
 __all__ = ["MultiTaskGramianEngine", "MultiTaskResult"]

@@ -326,7 +326,7 @@ def test_checkpoint_resume_gives_the_same_trajectory():
     model, opt = make()
     train(model, opt, range(4))
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
-    assert saved["opt"]["weighting"]["calls"] == 4
+    assert saved["opt"]["jdoptim"]["weighting"]["calls"] == 4
     fresh_model, fresh_opt = make()
     fresh_model.load_state_dict(saved["model"])
     fresh_opt.load_state_dict(saved["opt"])
