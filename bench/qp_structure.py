@@ -34,7 +34,8 @@ import workloads as W  # noqa: E402
 from jdoptim.aggregation._gramian import normalize, regularize  # noqa: E402
 from jdoptim.gramian import LayerwiseGramianEngine  # noqa: E402
 from jdoptim.solvers import set_eager_compilation  # noqa: E402
-from jdoptim.solvers.dual_cone import _quadprog_solve, mprgp_solve  # noqa: E402
+from jdoptim.solvers.dual_cone import _quadprog_solve  # noqa: E402
+from jdoptim.solvers.mprgp import mprgp_solve  # noqa: E402
 
 
 def iterations_to_match(g_hat: torch.Tensor, exact: torch.Tensor, tol: float = 1e-7) -> int:

@@ -106,6 +106,19 @@ def main() -> None:
     #    compilable) or solver="quadprog" (the exact CPU reference, eager only).
     exact = UPGrad(norm_eps=1e-4, reg_eps=1e-4, solver="quadprog")(J)
     torch.testing.assert_close(UPGrad(solver="torch")(J), exact, rtol=1e-5, atol=1e-6)
+    #    torchjd >= 0.11's projector= form runs unchanged (jdoptim.linalg):
+    from jdoptim.linalg import QuadprogProjector, TorchProjector
+
+    torch.testing.assert_close(UPGrad(projector=QuadprogProjector())(J), exact)
+    torch.testing.assert_close(UPGrad(projector=TorchProjector())(J), exact, rtol=1e-5, atol=1e-6)
+
+    # 6. torchjd 0.18's scalarizers: same names; JDOptimizer takes a step from them alone.
+    from jdoptim.scalarization import FAMO
+
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = JDOptimizer(torch.optim.SGD(model2.parameters(), lr=0.1), FAMO(2))
+    x2, y2 = torch.randn(8, 3), torch.randn(8, 2)
+    opt2.step(closure=lambda: ((model2(x2) - y2) ** 2).mean(0))  # backward, step, FAMO update
     print("all torchjd patterns have a matching jdoptim call")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _scalarized
 from ._compile import configure_compile as _configure_compile
 from ._functional import (
     NonFiniteError,
@@ -25,9 +26,11 @@ from ._functional import (
     jd_backward,
 )
 from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
+from .aggregation._losses import LossAware
 from .gramian import GramianEngine, resolve_engine
 from .gramian.layerwise import LayerwiseGramianEngine
 from .gramian.multitask import MultiTaskGramianEngine
+from .scalarization import Scalarizer
 
 
 class _StepRecord:
@@ -136,7 +139,7 @@ class JDOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        weighting: Weighting | GeneralizedWeighting | Aggregator,
+        weighting: Weighting | GeneralizedWeighting | Aggregator | Scalarizer,
         *,
         params: Iterable[Tensor] | None = None,
         other_params_grad: OtherParamsGrad = "weighted",
@@ -171,15 +174,25 @@ class JDOptimizer(torch.optim.Optimizer):
 
         self.optimizer = optimizer
         self.weighting = weighting
-        self._strategy = WeightingStrategy(weighting)
-        self.engine = resolve_engine(
-            engine,
-            chunk_size=chunk_size,
-            needs_jacobian=self._strategy.needs_jacobian,
-            model=model,
-            batch_dim=batch_dim,
-        )
-        self.batch_dim = _batch_dim(batch_dim, self.engine)
+        # A Scalarizer (loss level): one backward of the scalarized loss, no Gramian engine.
+        self._scalarizer = weighting if isinstance(weighting, Scalarizer) else None
+        if self._scalarizer is not None:
+            if params is not None:
+                raise ValueError("`params` (partial JD) has no meaning with a Scalarizer.")
+            _scalarized.attach_trainable_params(optimizer, self._scalarizer)
+            self._strategy, self.engine, self.batch_dim = None, None, batch_dim
+            self._loss_aware: list[LossAware] = []
+        else:
+            self._strategy = WeightingStrategy(weighting)
+            self._loss_aware = [m for m in weighting.modules() if isinstance(m, LossAware)]
+            self.engine = resolve_engine(
+                engine,
+                chunk_size=chunk_size,
+                needs_jacobian=self._strategy.needs_jacobian,
+                model=model,
+                batch_dim=batch_dim,
+            )
+            self.batch_dim = _batch_dim(batch_dim, self.engine)
         from ._functional import _OTHER, _POLICIES
 
         if nonfinite not in _POLICIES:
@@ -284,6 +297,14 @@ class JDOptimizer(torch.optim.Optimizer):
         the step is skipped; ``None`` for a Jacobian-only aggregator without weights). Works
         under ``torch.no_grad()`` like ``loss.backward()``: the losses carry their graph.
         """
+        if self._scalarizer is not None:
+            if _scalarized.scalarized_backward(
+                self._scalarizer, losses, self.nonfinite, retain_graph
+            ):
+                self._record.skip_next = True
+            return None
+        for module in self._loss_aware:  # GradNorm, DB-MTL: they read the losses too
+            module.observe_losses(losses)
         jd, other = self._split_params()
         try:
             with torch.enable_grad():
@@ -364,8 +385,21 @@ class JDOptimizer(torch.optim.Optimizer):
             # Drop the reference so that, under torch.compile, the losses are not an output of
             # the JD graph (the inner step below breaks the graph).
             del losses
+        skipped_before = self._record.skipped_steps
         self._take_step()
+        if closure is not None and hasattr(self._scalarizer, "update"):
+            if self._record.skipped_steps == skipped_before:  # the step was taken
+                with torch.no_grad():
+                    self._scalarizer.update(closure())  # FAMO: the new losses, same batch
         return weights
+
+    def update_scalarizer(self, new_losses: Tensor) -> None:
+        """Give a scalarizer that learns from the losses' decrease (:class:`~jdoptim.
+        scalarization.FAMO`) the losses after the last step: ``scalarizer.update(new_losses)``.
+        ``step(closure=fn)`` does it itself (re-evaluating ``fn`` without grad)."""
+        if not hasattr(self._scalarizer, "update"):
+            raise TypeError(f"{self.weighting!r} has no `update`.")
+        self._scalarizer.update(new_losses)
 
     # -- checkpointing -------------------------------------------------------------------------
     @torch._disable_dynamo

@@ -42,16 +42,26 @@ from .aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from .cagrad import CAGrad, CAGradWeighting
 from .config import ConFIG
 from .constant import Constant, ConstantWeighting
+from .crmogm import CRMOGMWeighting
+from .db_mtl import DBMTL, DBMTLWeighting
 from .dualproj import DualProj, DualProjWeighting
+from .excess_mtl import ExcessMTL, ExcessMTLWeighting
+from .fairgrad import FairGrad, FairGradWeighting
 from .flattening import Flattening
 from .graddrop import GradDrop
+from .gradnorm import GradNorm, GradNormWeighting
+from .gradvac import GradVac, GradVacWeighting
 from .imtl_g import IMTLG, IMTLGWeighting
 from .krum import Krum, KrumWeighting
 from .mean import Mean, MeanWeighting
 from .mgda import MGDA, MGDAWeighting
+from .moco import MoCo
+from .modo import MoDoWeighting
 from .nash_mtl import NashMTL
+from .pcd import PCD, PCDWeighting
 from .pcgrad import PCGrad, PCGradWeighting
 from .random import Random, RandomWeighting
+from .sdmgrad import SDMGradWeighting
 from .stch import STCH, STCHWeighting
 from .sum import Sum, SumWeighting
 from .trimmed_mean import TrimmedMean
@@ -63,14 +73,25 @@ __all__ = [
     "AlignedMTLWeighting",
     "CAGrad",
     "CAGradWeighting",
+    "CRMOGMWeighting",
     "ConFIG",
     "Constant",
     "ConstantWeighting",
+    "DBMTL",
+    "DBMTLWeighting",
     "DualProj",
     "DualProjWeighting",
+    "ExcessMTL",
+    "ExcessMTLWeighting",
+    "FairGrad",
+    "FairGradWeighting",
     "Flattening",
     "GeneralizedWeighting",
     "GradDrop",
+    "GradNorm",
+    "GradNormWeighting",
+    "GradVac",
+    "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLG",
     "IMTLGWeighting",
@@ -80,11 +101,16 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoCo",
+    "MoDoWeighting",
     "NashMTL",
+    "PCD",
+    "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",
     "RandomWeighting",
+    "SDMGradWeighting",
     "STCH",
     "STCHWeighting",
     "Stateful",

@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from .._params import Param, ParamModule  # noqa: F401 - Param is re-exported
 from ._checks import check_gramian, check_matrix
 from ._gramian import compute_gramian
 
@@ -30,7 +31,7 @@ def _call_maybe_without_grad(module: nn.Module, differentiable: bool, *args: Ten
         return nn.Module.__call__(module, *args)
 
 
-class Aggregator(nn.Module, ABC):
+class Aggregator(ParamModule, ABC):
     r"""Maps a Jacobian :math:`J \in \mathbb{R}^{m \times n}` to an update
     :math:`d \in \mathbb{R}^n`.
 
@@ -60,7 +61,7 @@ class Aggregator(nn.Module, ABC):
         return self.__class__.__name__
 
 
-class Weighting(nn.Module, ABC):
+class Weighting(ParamModule, ABC):
     r"""Maps a matrix statistic to a vector of ``m`` weights.
 
     ``input_kind`` says what the weighting reads: ``"gramian"`` (a PSD matrix
@@ -114,6 +115,12 @@ class WeightedAggregator(Aggregator):
     def combine(self, weights: Tensor, matrix: Tensor) -> Tensor:
         return weights @ matrix
 
+    def reset(self) -> None:
+        """Reset the inner weighting when it is :class:`Stateful` (a no-op otherwise)."""
+        inner = getattr(self, "gramian_weighting", self.weighting)
+        if isinstance(inner, Stateful):
+            inner.reset()
+
     def forward(self, matrix: Tensor, /) -> Tensor:
         return self.combine(self.weighting(matrix), matrix)
 
@@ -136,7 +143,7 @@ def is_generalized_gramian_shape(shape: torch.Size) -> bool:
     return k >= 1 and rem == 0 and tuple(shape[:k]) == tuple(reversed(shape[k:]))
 
 
-class GeneralizedWeighting(nn.Module, ABC):
+class GeneralizedWeighting(ParamModule, ABC):
     r"""Maps a generalized Gramian of shape ``[m1, ..., mk, mk, ..., m1]`` to weights of shape
     ``[m1, ..., mk]``.
 

@@ -9,10 +9,21 @@ import torch
 from torch import Tensor
 
 from ..solvers.dual_cone import Solver, check_non_negative, check_solver, project_weights
-from ._base import GramianWeightedAggregator, Stateful, Weighting
+from ..solvers.projectors import DualConeProjector, _BuiltinProjector
+from ._base import GramianWeightedAggregator, Param, Stateful, Weighting
 from ._format import pref_vector_to_str_suffix
-from ._pref import pref_vector_to_weighting
+from ._pref import pref_vector_param
 from .mean import MeanWeighting
+
+
+def _non_negative(name: str, value: float) -> float:
+    check_non_negative(name, value)
+    return value
+
+
+def _checked_solver(solver: Solver) -> Solver:
+    check_solver(solver)
+    return solver
 
 
 class DualConeWeighting(Weighting, Stateful):
@@ -23,20 +34,27 @@ class DualConeWeighting(Weighting, Stateful):
     """
 
     differentiable = False
+    pref_vector = pref_vector_param(MeanWeighting)
+    norm_eps = Param(lambda v: _non_negative("norm_eps", v))
+    reg_eps = Param(lambda v: _non_negative("reg_eps", v))
+    solver = Param(lambda v: _checked_solver(v))
+    warm_start = Param(bool)
+    projector = Param()  # torchjd >= 0.11; None: norm_eps/reg_eps/solver (not checked, as torchjd)
 
     def __init__(
         self,
         pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
+        norm_eps: float | None = None,
         reg_eps: float = 0.0001,
         solver: Solver = "torch",
         warm_start: bool = False,
+        projector: DualConeProjector | None = None,
     ) -> None:
         super().__init__()
-        check_non_negative("norm_eps", norm_eps)
-        check_non_negative("reg_eps", reg_eps)
-        check_solver(solver)
-        self.weighting = pref_vector_to_weighting(pref_vector, default=MeanWeighting())
+        if isinstance(norm_eps, DualConeProjector):  # torchjd >= 0.11: (pref_vector, projector)
+            projector, norm_eps = norm_eps, 0.0001
+        self.projector = projector
+        self.pref_vector = pref_vector
         self.norm_eps = norm_eps
         self.reg_eps = reg_eps
         self.solver = solver
@@ -50,15 +68,19 @@ class DualConeWeighting(Weighting, Stateful):
     def project(self, lower: Tensor, gramian: Tensor) -> Tensor:
         """Project each row of ``lower`` onto the dual cone of ``gramian`` (see
         :func:`~jdoptim.solvers.dual_cone.project_weights`)."""
+        if self.projector is not None and not isinstance(self.projector, _BuiltinProjector):
+            return self.projector(lower, gramian)  # a user's DualConeProjector
         init = None
         if self.warm_start and self._previous.shape == lower.shape:
             init = self._previous
+        # A built-in projector (TorchProjector, QuadprogProjector) takes precedence.
+        settings = self if self.projector is None else self.projector
         W = project_weights(
             lower,
             gramian,
-            norm_eps=self.norm_eps,
-            reg_eps=self.reg_eps,
-            solver=self.solver,
+            norm_eps=settings.norm_eps,
+            reg_eps=settings.reg_eps,
+            solver=settings.solver,
             init=init,
         )
         if self.warm_start:
@@ -74,25 +96,35 @@ class DualConeAggregator(GramianWeightedAggregator):
 
     differentiable = False
     weighting_class: ClassVar[type[DualConeWeighting]]
+    pref_vector = Param(forward="gramian_weighting")
+    norm_eps = Param(forward="gramian_weighting")
+    reg_eps = Param(forward="gramian_weighting")
+    solver = Param(forward="gramian_weighting")
+    warm_start = Param(forward="gramian_weighting")
+    projector = Param(forward="gramian_weighting")
 
     def __init__(
         self,
         pref_vector: Tensor | None = None,
-        norm_eps: float = 0.0001,
+        norm_eps: float | None = None,
         reg_eps: float = 0.0001,
         solver: Solver = "torch",
         warm_start: bool = False,
+        projector: DualConeProjector | None = None,
     ) -> None:
-        super().__init__(self.weighting_class(pref_vector, norm_eps, reg_eps, solver, warm_start))
-        self._pref_vector = pref_vector
+        super().__init__(
+            self.weighting_class(pref_vector, norm_eps, reg_eps, solver, warm_start, projector)
+        )
 
     def __repr__(self) -> str:
         w = self.gramian_weighting
         extra = ", warm_start=True" if w.warm_start else ""
+        if w.projector is not None:
+            extra += f", projector={w.projector!r}"
         return (
-            f"{self.__class__.__name__}(pref_vector={self._pref_vector!r}, norm_eps="
+            f"{self.__class__.__name__}(pref_vector={self.pref_vector!r}, norm_eps="
             f"{w.norm_eps}, reg_eps={w.reg_eps}, solver={w.solver!r}{extra})"
         )
 
     def __str__(self) -> str:
-        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self._pref_vector)}"
+        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self.pref_vector)}"

@@ -12,18 +12,19 @@ import torch
 from torch import Tensor
 
 from ..solvers.eigh import symmetric_eig
-from ._base import GramianWeightedAggregator, Weighting
+from ._base import GramianWeightedAggregator, Param, Weighting
 from ._format import pref_vector_to_str_suffix
-from ._pref import pref_vector_to_weighting
+from ._pref import pref_vector_param
 from .mean import MeanWeighting
 
 ScaleMode = Literal["min", "median", "rmse"]
 _SCALE_MODES = ("min", "median", "rmse")
 
 
-def _check_scale_mode(scale_mode: object) -> None:
+def _check_scale_mode(scale_mode: object) -> object:
     if scale_mode not in _SCALE_MODES:
         raise ValueError(f"Invalid scale_mode={scale_mode!r}. Expected 'min', 'median', or 'rmse'.")
+    return scale_mode
 
 
 def _scale(vals: Tensor, keep: Tensor, rank: Tensor, scale_mode: str) -> Tensor:
@@ -68,11 +69,13 @@ class AlignedMTLWeighting(Weighting):
     tensor([0.5591, 0.4083])
     """
 
+    pref_vector = pref_vector_param(MeanWeighting)
+    scale_mode = Param(_check_scale_mode)
+
     def __init__(self, pref_vector: Tensor | None = None, scale_mode: ScaleMode = "min") -> None:
         super().__init__()
-        _check_scale_mode(scale_mode)
-        self.weighting = pref_vector_to_weighting(pref_vector, default=MeanWeighting())
-        self._scale_mode = scale_mode
+        self.pref_vector = pref_vector
+        self.scale_mode = scale_mode
 
     def forward(self, stat: Tensor, /) -> Tensor:
         m = stat.shape[0]
@@ -81,7 +84,7 @@ class AlignedMTLWeighting(Weighting):
         tol = vals.amax() * m * torch.finfo(stat.dtype).eps
         keep = vals > tol
         rank = keep.sum()
-        s = _scale(vals, keep, rank, self._scale_mode)
+        s = _scale(vals, keep, rank, self.scale_mode)
         inv_sqrt = torch.where(keep, torch.rsqrt(torch.where(keep, vals, 1.0)), 0.0)
         w = s.sqrt() * (vecs @ (inv_sqrt * (vecs.mT @ p)))
         return torch.where(rank > 0, w, p).to(stat.dtype)
@@ -100,16 +103,17 @@ class AlignedMTL(GramianWeightedAggregator):
     tensor([0.2133, 0.9673, 0.9673])
     """
 
+    pref_vector = Param(forward="gramian_weighting")
+    scale_mode = Param(forward="gramian_weighting")
+
     def __init__(self, pref_vector: Tensor | None = None, scale_mode: ScaleMode = "min") -> None:
         super().__init__(AlignedMTLWeighting(pref_vector, scale_mode=scale_mode))
-        self._pref_vector = pref_vector
-        self._scale_mode = scale_mode
 
     def __repr__(self) -> str:
         return (
-            f"{self.__class__.__name__}(pref_vector={self._pref_vector!r}, "
-            f"scale_mode={self._scale_mode!r})"
+            f"{self.__class__.__name__}(pref_vector={self.pref_vector!r}, "
+            f"scale_mode={self.scale_mode!r})"
         )
 
     def __str__(self) -> str:
-        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self._pref_vector)}"
+        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self.pref_vector)}"

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from jdoptim.solvers.simplex import minimize_linear_plus_norm
 
-from ._base import GramianWeightedAggregator, Weighting
-from ._gramian import normalize
+from ._base import GramianWeightedAggregator, Param, Weighting
+from ._gramian import check_norm_eps, normalize, trace_threshold
 
 Solver = Literal["torch", "cvxpy"]
 _SOLVERS = ("torch", "cvxpy")
@@ -24,10 +24,18 @@ def _check_c(c: float) -> float:
     return c
 
 
-def _check_norm_eps(norm_eps: float) -> float:
-    if norm_eps < 0:
-        raise ValueError(f"norm_eps must be non-negative, but got {norm_eps}.")
+_RHO_EPS = 1e-4
+"""Threshold on the normalised update norm ``rho`` when ``norm_eps=None`` (torchjd's value; rho
+is computed from the trace-normalised Gramian, so this threshold is already scale-free)."""
+
+
+def _check_norm_eps(norm_eps: float | None) -> float | None:
+    check_norm_eps(norm_eps)
     return norm_eps
+
+
+def _rho_eps(norm_eps: float | None) -> float:
+    return _RHO_EPS if norm_eps is None else norm_eps
 
 
 def _check_solver(solver: str, owner: str) -> str:
@@ -43,7 +51,7 @@ def _check_solver(solver: str, owner: str) -> str:
     return solver
 
 
-def _cvxpy_weights(gramian_n: Tensor, c: float, norm_eps: float) -> Tensor:
+def _cvxpy_weights(gramian_n: Tensor, c: float, norm_eps: float | None) -> Tensor:
     """The exact reference: a factor ``R`` with ``R R^T = G_n`` from an SVD, then cvxpy/CLARABEL.
 
     Eager-only and CPU/numpy: this path synchronises by design (allowed exception to the
@@ -63,35 +71,39 @@ def _cvxpy_weights(gramian_n: Tensor, c: float, norm_eps: float) -> Tensor:
     cp.Problem(objective, [w >= 0, cp.sum(w) == 1]).solve(solver=cp.CLARABEL)
     w_star = np.asarray(w.value, dtype=np.float64)
     rho = float(np.linalg.norm(factor.T @ w_star))
-    if rho >= norm_eps:  # exact-reference path: Python branching on values is fine here
+    if rho >= _rho_eps(norm_eps):  # exact-reference path: Python branching on values is fine here
         weights = np.ones(m) / m + phi / rho * w_star
     else:
         weights = np.zeros(m)
     return torch.as_tensor(weights, dtype=gramian_n.dtype, device=gramian_n.device)
 
 
-def cagrad_weights(gramian: Tensor, c: float, norm_eps: float, n_iters: int = 100) -> Tensor:
+def cagrad_weights(gramian: Tensor, c: float, norm_eps: float | None, n_iters: int = 100) -> Tensor:
     r"""CAGrad weights of a Gramian with the pure-torch solver (see :class:`CAGradWeighting`).
 
-    Solved in float64 and cast back to ``gramian``'s dtype; sync-free and compilable.
+    Solved in float64 and cast back to ``gramian``'s dtype; sync-free and compilable. The
+    Gramian is divided by its trace (``norm_eps=None``: unless the trace is below the smallest
+    normal number of ``gramian``'s dtype), so scaling it by a power of two does not change the
+    weights.
 
     >>> import torch
     >>> cagrad_weights(torch.tensor([[18.0, -22.0], [-22.0, 38.0]]), c=0.5, norm_eps=1e-4)
     tensor([0.7041, 0.5000])
     """
     m = gramian.shape[0]
-    gramian_n = normalize(gramian.to(torch.float64), norm_eps)
+    gramian_n = normalize(gramian.to(torch.float64), trace_threshold(gramian.dtype, norm_eps))
     ones = torch.ones(m, dtype=torch.float64, device=gramian.device)
     linear = gramian_n @ ones / m
     phi = c * (ones @ linear / m).clamp(min=0).sqrt()  # c ||g0|| = c sqrt(1'G_n 1) / m
     w = minimize_linear_plus_norm(gramian_n, linear, phi, n_iters)
     rho = (w @ gramian_n @ w).clamp(min=0).sqrt()
-    keep = rho >= norm_eps
+    rho_eps = _rho_eps(norm_eps)
+    keep = rho >= rho_eps
     weights = ones / m + phi / torch.where(keep, rho, 1.0) * w
     if c >= 1:  # static: c is a Python float
         # For c >= 1 and a Pareto-stationary point the optimum is not unique, but every optimum
         # gives the zero direction; return exactly zero then (see CAGradWeighting's notes).
-        keep = keep & ((weights @ gramian_n @ weights).clamp(min=0).sqrt() >= norm_eps)
+        keep = keep & ((weights @ gramian_n @ weights).clamp(min=0).sqrt() >= rho_eps)
     return torch.where(keep, weights, 0.0).to(gramian.dtype)
 
 
@@ -100,7 +112,8 @@ class CAGradWeighting(Weighting):
     Learning*), computed from the Gramian :math:`G = J J^\top`.
 
     Let :math:`G_n = G / \operatorname{tr}(G)` (or :math:`0` if :math:`\operatorname{tr}(G) <`
-    ``norm_eps``), :math:`g_0 = J_n^\top \mathbb{1}/m` the mean normalised gradient and
+    ``norm_eps``; for ``norm_eps=None``, the default, if it is below the smallest normal number
+    of the dtype), :math:`g_0 = J_n^\top \mathbb{1}/m` the mean normalised gradient and
     :math:`\varphi = c\|g_0\| = c\sqrt{\mathbb{1}^\top G_n \mathbb{1}}/m`. CAGrad looks for the
     update :math:`d` maximising the worst improvement :math:`\min_i g_i^\top d` in the ball
     :math:`\|d - g_0\| \le \varphi`. Its dual is
@@ -113,7 +126,7 @@ class CAGradWeighting(Weighting):
 
     .. math::
         \frac{1}{m}\mathbb{1} + \frac{\varphi}{\rho}\, w^\star \quad \text{if } \rho \ge
-        \texttt{norm\_eps}, \qquad 0 \text{ otherwise.}
+        \texttt{norm\_eps}, \qquad 0 \text{ otherwise}
 
     They are computed from the normalised Gramian but applied to the raw :math:`J`, so the
     aggregation scales linearly with :math:`J`. ``c = 0`` gives the mean and :math:`m = 1`
@@ -122,6 +135,9 @@ class CAGradWeighting(Weighting):
     Args:
         c: Radius of the ball around the mean gradient, relative to its norm (``c >= 0``).
         norm_eps: Threshold on :math:`\operatorname{tr}(G)` and on :math:`\rho` (``>= 0``).
+            ``None`` (default): the trace threshold is the dtype's smallest normal number
+            (scale-invariant) and the threshold on the scale-free :math:`\rho` is ``1e-4``
+            (torchjd's); ``1e-4`` gives torchjd's absolute threshold on the trace.
         solver: ``"torch"`` (default) solves the dual in float64 with
             :func:`~jdoptim.solvers.simplex.minimize_linear_plus_norm`, a fixed-iteration
             interior-point method: no host synchronisation, captured by ``torch.compile``.
@@ -145,16 +161,20 @@ class CAGradWeighting(Weighting):
     """
 
     differentiable = False
+    c = Param(_check_c)
+    norm_eps = Param(_check_norm_eps)
+    solver = Param(lambda solver: _check_solver(solver, "CAGrad"))
 
-    def __init__(self, c: float, norm_eps: float = 0.0001, solver: Solver = "torch") -> None:
+    def __init__(self, c: float, norm_eps: float | None = None, solver: Solver = "torch") -> None:
         super().__init__()
-        self.c = _check_c(c)
-        self.norm_eps = _check_norm_eps(norm_eps)
-        self.solver = _check_solver(solver, type(self).__name__)
+        self.c = c
+        self.norm_eps = norm_eps
+        self.solver = solver
 
     def forward(self, gramian: Tensor, /) -> Tensor:
         if self.solver == "cvxpy":
-            return _cvxpy_weights(normalize(gramian, self.norm_eps), self.c, self.norm_eps)
+            gramian_n = normalize(gramian, trace_threshold(gramian.dtype, self.norm_eps))
+            return _cvxpy_weights(gramian_n, self.c, self.norm_eps)
         return cagrad_weights(gramian, self.c, self.norm_eps)
 
 
@@ -163,7 +183,8 @@ class CAGrad(GramianWeightedAggregator):
 
     Args:
         c: Radius of the ball around the mean gradient, relative to its norm (``c >= 0``).
-        norm_eps: Threshold on :math:`\|J\|_F^2` and on the norm of the dual solution.
+        norm_eps: Threshold on :math:`\|J\|_F^2` and on the norm of the dual solution
+            (``None``: scale-invariant, see :class:`CAGradWeighting`).
         solver: ``"torch"`` (default, sync-free, compilable) or ``"cvxpy"`` (the reference).
 
     >>> import torch
@@ -172,17 +193,17 @@ class CAGrad(GramianWeightedAggregator):
     """
 
     differentiable = False
+    c = Param(forward="gramian_weighting")
+    norm_eps = Param(forward="gramian_weighting")
+    solver = Param(forward="gramian_weighting")
 
-    def __init__(self, c: float, norm_eps: float = 0.0001, solver: Solver = "torch") -> None:
+    def __init__(self, c: float, norm_eps: float | None = None, solver: Solver = "torch") -> None:
         super().__init__(CAGradWeighting(c, norm_eps=norm_eps, solver=solver))
-        self._c = c
-        self._norm_eps = norm_eps
-        self._solver = solver
 
     def __repr__(self) -> str:
-        suffix = "" if self._solver == "torch" else f", solver={self._solver!r}"
-        return f"{self.__class__.__name__}(c={self._c}, norm_eps={self._norm_eps}{suffix})"
+        suffix = "" if self.solver == "torch" else f", solver={self.solver!r}"
+        return f"{self.__class__.__name__}(c={self.c}, norm_eps={self.norm_eps}{suffix})"
 
     def __str__(self) -> str:
-        c_str = f"{self._c}"
+        c_str = f"{self.c}"
         return f"CAGrad{c_str.removesuffix('.0')}"

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..solvers.eigh import symmetric_eig
 from ._base import Aggregator
 from ._format import pref_vector_to_str_suffix
-from ._pref import pref_vector_to_weighting
+from ._pref import pref_vector_param
 from .sum import SumWeighting
 
 _NORMALIZE_EPS = 1e-12
@@ -70,11 +70,11 @@ class ConFIG(Aggregator):
     """
 
     differentiable = False
+    pref_vector = pref_vector_param(SumWeighting)
 
     def __init__(self, pref_vector: Tensor | None = None) -> None:
         super().__init__()
-        self.weighting = pref_vector_to_weighting(pref_vector, default=SumWeighting())
-        self._pref_vector = pref_vector
+        self.pref_vector = pref_vector
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         m, n = matrix.shape
@@ -86,7 +86,7 @@ class ConFIG(Aggregator):
         return ((jac.sum(0) @ u) * u).to(matrix.dtype)
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(pref_vector={self._pref_vector!r})"
+        return f"{self.__class__.__name__}(pref_vector={self.pref_vector!r})"
 
     def __str__(self) -> str:
-        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self._pref_vector)}"
+        return f"{self.__class__.__name__}{pref_vector_to_str_suffix(self.pref_vector)}"

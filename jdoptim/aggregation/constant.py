@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._base import WeightedAggregator, Weighting
+from ._base import Param, WeightedAggregator, Weighting
 from ._format import vector_to_str
 
 
-def _check_weights_vector(weights: Tensor) -> None:
+def _check_weights_vector(weights: Tensor) -> Tensor:
     if not isinstance(weights, Tensor) or weights.dim() != 1:
         shape = weights.shape if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(
             f"Parameter `weights` should be a 1-dimensional tensor. Found `weights.shape = "
             f"{shape}`."
         )
+    return weights
 
 
 class ConstantWeighting(Weighting):
@@ -28,11 +29,11 @@ class ConstantWeighting(Weighting):
     """
 
     input_kind = "matrix"
+    weights = Param(_check_weights_vector, buffer=True)
 
     def __init__(self, weights: Tensor) -> None:
         super().__init__()
-        _check_weights_vector(weights)
-        self.register_buffer("weights", weights)
+        self.weights = weights
 
     def forward(self, stat: Tensor, /) -> Tensor:
         if stat.shape[0] != self.weights.shape[0]:
@@ -51,12 +52,13 @@ class Constant(WeightedAggregator):
     tensor([8., 3., 3.])
     """
 
+    weights = Param(forward="weighting")
+
     def __init__(self, weights: Tensor) -> None:
         super().__init__(ConstantWeighting(weights))
-        self._weights = weights
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(weights={self._weights!r})"
+        return f"{self.__class__.__name__}(weights={self.weights!r})"
 
     def __str__(self) -> str:
-        return f"{self.__class__.__name__}({vector_to_str(self._weights)})"
+        return f"{self.__class__.__name__}({vector_to_str(self.weights)})"

@@ -8,12 +8,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._base import Aggregator
+from ._base import Aggregator, Param
 from ._format import vector_to_str
 
 
 def _identity(p: Tensor) -> Tensor:
     return p
+
+
+def _check_leak(leak: Tensor | None) -> Tensor | None:
+    if leak is not None and (not isinstance(leak, Tensor) or leak.dim() != 1):
+        shape = leak.shape if isinstance(leak, Tensor) else type(leak).__name__
+        raise ValueError(f"leak must be a 1-dimensional tensor. Found leak.shape = {shape}.")
+    return leak
 
 
 class GradDrop(Aggregator):
@@ -48,16 +55,14 @@ class GradDrop(Aggregator):
     """
 
     differentiable = False
+    leak = Param(_check_leak, buffer=True)
 
     def __init__(
         self, f: Callable[[Tensor], Tensor] = _identity, leak: Tensor | None = None
     ) -> None:
         super().__init__()
-        if leak is not None and (not isinstance(leak, Tensor) or leak.dim() != 1):
-            shape = leak.shape if isinstance(leak, Tensor) else type(leak).__name__
-            raise ValueError(f"leak must be a 1-dimensional tensor. Found leak.shape = {shape}.")
         self.f = f
-        self.register_buffer("leak", leak)
+        self.leak = leak
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         m, n = matrix.shape

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..solvers.eigh import psd_pinv_apply
+from ..solvers.normalization import normalize, trace_threshold
 from ._base import GramianWeightedAggregator, Weighting
 
 _SUM_EPS = 1e-12
@@ -21,15 +22,18 @@ class IMTLGWeighting(Weighting):
 
     .. math::
 
-        d = \sqrt{\operatorname{diag}(G)}, \qquad v = G^+ d, \qquad
+        G_n = G / \operatorname{tr}(G), \qquad
+        d = \sqrt{\operatorname{diag}(G_n)}, \qquad v = G_n^+ d, \qquad
         w = \begin{cases} v / \mathbb{1}^\top v & \text{if } |\mathbb{1}^\top v| \ge 10^{-12} \\
         0 & \text{otherwise} \end{cases}
 
     :math:`G^+` is the pseudo-inverse with :func:`torch.linalg.pinv`'s default tolerance
     (eigenvalues :math:`|\lambda_i| \le m \varepsilon \max_j |\lambda_j|` are treated as zero,
-    :math:`\varepsilon` the machine epsilon of ``G``'s dtype). It is computed without host
-    synchronisation by :func:`jdoptim.solvers.eigh.psd_pinv_apply`, in float64; the weights are
-    cast back to ``G``'s dtype. Not differentiable (runs under :func:`torch.no_grad`).
+    :math:`\varepsilon` the machine epsilon of ``G``'s dtype). Everything is computed from
+    :math:`G / \operatorname{tr}(G)` (the weights are invariant to the scale of :math:`G`, and
+    then exactly so for powers of two; :math:`G = 0` gives zero weights). It is computed without
+    host synchronisation by :func:`jdoptim.solvers.eigh.psd_pinv_apply`, in float64; the weights
+    are cast back to ``G``'s dtype. Not differentiable (runs under :func:`torch.no_grad`).
 
     >>> import torch
     >>> IMTLGWeighting()(torch.tensor([[18.0, -22.0], [-22.0, 38.0]]))
@@ -39,7 +43,8 @@ class IMTLGWeighting(Weighting):
     differentiable = False
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        gramian = stat.to(torch.float64)
+        # Trace-normalised first: scaling G by a power of two leaves G / tr(G) bitwise unchanged.
+        gramian = normalize(stat.to(torch.float64), trace_threshold(stat.dtype, None))
         norms = gramian.diagonal().sqrt()
         v = psd_pinv_apply(gramian, norms, rtol=stat.shape[0] * torch.finfo(stat.dtype).eps)
         total = v.sum()

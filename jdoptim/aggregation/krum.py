@@ -5,14 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import GramianWeightedAggregator, Weighting
+from ._base import GramianWeightedAggregator, Param, Weighting
 
 
-def _check_krum_parameters(n_byzantine: int, n_selected: int) -> None:
+def _check_n_byzantine(n_byzantine: int) -> int:
     if n_byzantine < 0:
         raise ValueError(f"n_byzantine must be non-negative, but got {n_byzantine}.")
+    return n_byzantine
+
+
+def _check_n_selected(n_selected: int) -> int:
     if n_selected < 1:
         raise ValueError(f"n_selected must be a positive integer, but got {n_selected}.")
+    return n_selected
 
 
 def pairwise_distances(gramian: Tensor) -> Tensor:
@@ -49,9 +54,11 @@ class KrumWeighting(Weighting):
     tensor([1., 0., 0., 0.])
     """
 
+    n_byzantine = Param(_check_n_byzantine)
+    n_selected = Param(_check_n_selected)
+
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__()
-        _check_krum_parameters(n_byzantine, n_selected)
         self.n_byzantine = n_byzantine
         self.n_selected = n_selected
 
@@ -90,10 +97,11 @@ class Krum(GramianWeightedAggregator):
     tensor([1.0000, 0.5000])
     """
 
+    n_byzantine = Param(forward="gramian_weighting")
+    n_selected = Param(forward="gramian_weighting")
+
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__(KrumWeighting(n_byzantine=n_byzantine, n_selected=n_selected))
-        self.n_byzantine = n_byzantine
-        self.n_selected = n_selected
 
     def __repr__(self) -> str:
         return (

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._base import Stateful, WeightedAggregator, Weighting
+from ._base import Param, Stateful, WeightedAggregator, Weighting
 
 _DEPS = ("numpy", "cvxpy", "ecos")
 
@@ -17,6 +17,18 @@ def _check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, but got {value}.")
     return value
+
+
+def _check_max_norm(max_norm: float) -> float:
+    if max_norm < 0:
+        raise ValueError(f"max_norm must be non-negative, but got {max_norm}.")
+    return max_norm
+
+
+def _resize_state(obj: _NashMTLWeighting, n_tasks: int) -> None:
+    # A new number of tasks starts a new sequence (the state has one entry per task).
+    if "prvs_alpha" in obj._buffers and obj.prvs_alpha.shape[0] != n_tasks:
+        obj.reset()
 
 
 def _check_deps(owner: str) -> None:
@@ -39,6 +51,10 @@ class _NashMTLWeighting(Weighting, Stateful):
 
     input_kind = "matrix"
     differentiable = False
+    n_tasks = Param(lambda v: _check_positive_int(v, "n_tasks"), on_set=_resize_state)
+    max_norm = Param(_check_max_norm)
+    update_weights_every = Param(lambda v: _check_positive_int(v, "update_weights_every"))
+    optim_niter = Param(lambda v: _check_positive_int(v, "optim_niter"))
 
     def __init__(
         self, n_tasks: int, max_norm: float, update_weights_every: int, optim_niter: int
@@ -56,9 +72,9 @@ class _NashMTLWeighting(Weighting, Stateful):
 
     def reset(self) -> None:
         self.step.zero_()
-        self.prvs_alpha.fill_(1.0)
+        self.prvs_alpha = torch.ones(self.n_tasks, dtype=torch.float64)
         self.normalization_factor.fill_(1.0)
-        self.gtg.copy_(torch.eye(self.n_tasks, dtype=torch.float64))
+        self.gtg = torch.eye(self.n_tasks, dtype=torch.float64)
         self._problem = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -197,6 +213,10 @@ class NashMTL(WeightedAggregator, Stateful):
     """
 
     differentiable = False
+    n_tasks = Param(forward="weighting")
+    max_norm = Param(forward="weighting")
+    update_weights_every = Param(forward="weighting")
+    optim_niter = Param(forward="weighting")
 
     def __init__(
         self,
@@ -205,24 +225,16 @@ class NashMTL(WeightedAggregator, Stateful):
         update_weights_every: int = 1,
         optim_niter: int = 20,
     ) -> None:
-        _check_positive_int(n_tasks, "n_tasks")
-        if max_norm < 0:
-            raise ValueError(f"max_norm must be non-negative, but got {max_norm}.")
-        _check_positive_int(update_weights_every, "update_weights_every")
-        _check_positive_int(optim_niter, "optim_niter")
+        weighting = _NashMTLWeighting(n_tasks, max_norm, update_weights_every, optim_niter)
         _check_deps(type(self).__name__)
-        super().__init__(_NashMTLWeighting(n_tasks, max_norm, update_weights_every, optim_niter))
-        self._n_tasks = n_tasks
-        self._max_norm = max_norm
-        self._update_weights_every = update_weights_every
-        self._optim_niter = optim_niter
+        super().__init__(weighting)
 
     def reset(self) -> None:
         self.weighting.reset()
 
     def __repr__(self) -> str:
         return (
-            f"{self.__class__.__name__}(n_tasks={self._n_tasks}, max_norm={self._max_norm}, "
-            f"update_weights_every={self._update_weights_every}, "
-            f"optim_niter={self._optim_niter})"
+            f"{self.__class__.__name__}(n_tasks={self.n_tasks}, max_norm={self.max_norm}, "
+            f"update_weights_every={self.update_weights_every}, "
+            f"optim_niter={self.optim_niter})"
         )

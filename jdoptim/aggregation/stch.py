@@ -11,19 +11,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramianWeightedAggregator, Stateful, Weighting
+from ._base import GramianWeightedAggregator, Param, Stateful, Weighting
 
 _STATE_VECTORS = ("nadir_accumulator", "nadir_vector")
 
 
-def _check_stch_parameters(mu: float, warmup_steps: int | None) -> None:
+def _check_mu(mu: float) -> float:
     if not mu > 0:
         raise ValueError(f"Parameter `mu` should be a positive float. Found `mu = {mu}`.")
+    return mu
+
+
+def _check_warmup_steps(warmup_steps: int | None) -> int | None:
     if warmup_steps is not None and warmup_steps < 1:
         raise ValueError(
             "Parameter `warmup_steps` should be a positive integer or None. Found "
             f"`warmup_steps = {warmup_steps}`."
         )
+    return warmup_steps
 
 
 def stch_weights(norms: Tensor, mu: float, eps: float) -> Tensor:
@@ -76,11 +81,14 @@ class STCHWeighting(Weighting, Stateful):
     tensor([0.6667, 0.3333])
     """
 
+    mu = Param(_check_mu)
+    warmup_steps = Param(_check_warmup_steps)
+    eps = Param()
+
     def __init__(
         self, mu: float = 1.0, warmup_steps: int | None = None, eps: float = 1e-20
     ) -> None:
         super().__init__()
-        _check_stch_parameters(mu, warmup_steps)
         self.mu = mu
         self.warmup_steps = warmup_steps
         self.eps = eps
@@ -181,22 +189,14 @@ class STCH(GramianWeightedAggregator, Stateful):
     tensor([1.9233, 1.0000, 1.0000])
     """
 
+    mu = Param(forward="gramian_weighting")
+    warmup_steps = Param(forward="gramian_weighting")
+    eps = Param(forward="gramian_weighting")
+
     def __init__(
         self, mu: float = 1.0, warmup_steps: int | None = None, eps: float = 1e-20
     ) -> None:
         super().__init__(STCHWeighting(mu=mu, warmup_steps=warmup_steps, eps=eps))
-
-    @property
-    def mu(self) -> float:
-        return self.gramian_weighting.mu
-
-    @property
-    def warmup_steps(self) -> int | None:
-        return self.gramian_weighting.warmup_steps
-
-    @property
-    def eps(self) -> float:
-        return self.gramian_weighting.eps
 
     def reset(self) -> None:
         """Forget the warm-up state of the weighting."""

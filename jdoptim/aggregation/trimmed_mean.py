@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import Aggregator
+from ._base import Aggregator, Param
+
+
+def _check_trim_number(trim_number: int) -> int:
+    if trim_number < 0:
+        raise ValueError(f"trim_number must be non-negative, but got {trim_number}.")
+    return trim_number
 
 
 class TrimmedMean(Aggregator):
@@ -26,10 +32,10 @@ class TrimmedMean(Aggregator):
     tensor([2., 4.])
     """
 
+    trim_number = Param(_check_trim_number)
+
     def __init__(self, trim_number: int) -> None:
         super().__init__()
-        if trim_number < 0:
-            raise ValueError(f"trim_number must be non-negative, but got {trim_number}.")
         self.trim_number = trim_number
 
     def forward(self, matrix: Tensor, /) -> Tensor:

@@ -23,10 +23,15 @@ class UPGradWeighting(DualConeWeighting):
     :math:`\{x : Jx \geq 0\}` (see :func:`jdoptim.solvers.dual_cone.project_weights`).
 
     :param pref_vector: preference weights :math:`p` (1-D), or ``None`` for :math:`\tfrac1m`.
-    :param norm_eps: the Gramian is divided by its trace unless the trace is below this.
+    :param norm_eps: the Gramian is divided by its trace unless the trace is below this;
+        ``None`` (default): unless the trace is below the smallest normal number of its dtype,
+        so that the weights do not change when :math:`G` is scaled (torchjd's ``1e-4`` is an
+        absolute threshold; see :mod:`jdoptim.solvers.normalization`).
     :param reg_eps: ridge :math:`\varepsilon_r` added to the normalised Gramian.
-    :param solver: ``"torch"`` (sync-free, compilable; default) or ``"quadprog"`` (exact, CPU).
-    :param warm_start: start the ``"torch"`` solver from the previous call's solution when the
+    :param solver: ``"torch"`` (exact, sync-free, compilable; default), ``"mprgp"`` (the former
+        fixed-budget default) or ``"quadprog"`` (reference, CPU); see
+        :mod:`jdoptim.solvers.dual_cone`.
+    :param warm_start: start the solver from the previous call's solution when the
         number of objectives is unchanged (state kept in a non-persistent buffer, cleared by
         :meth:`reset`). The weights are the same; when consecutive Gramians are close (training
         on slowly changing gradients), far fewer iterations are needed.

@@ -11,7 +11,8 @@ from ``output.grad_fn`` without going through the input's ``grad_fn``. An edge f
 node to the ``AccumulateGrad`` node of a claimed parameter is a use outside the rule.
 
 The graph is only visible eagerly: under ``torch.compile`` (Dynamo cannot read ``grad_fn``)
-the check is skipped, see :func:`graph_visible`.
+the check cannot run (the engines then reuse the verdict of their last eager call), see
+:func:`graph_visible`.
 """
 
 from __future__ import annotations

@@ -46,8 +46,16 @@ directly). A module called several times (shared / tied layers) sums its calls: 
 concatenated, so the cross terms between calls are exact; a parameter reached through
 different rules (an embedding tied to a linear head) is materialised.
 
-Limits: a parameter used *outside* its module's ``forward`` (``F.linear(x, emb.weight)``) by a
-covered module is not seen; modules that mix samples make per-sample losses non-separable:
+A rule covers a module only when it differentiates exactly the module's parameters
+(:func:`~jdoptim.gramian._layers.rule_for`, checked again at every call by
+:func:`~jdoptim.gramian._layers.exact_call`): pruned, weight- or spectral-normed, parametrised
+modules, subclasses that override the computation, and calls with forward (pre-)hooks that may
+change them take the fallback. So does a claimed parameter that the losses also use outside its
+module's calls (``F.linear(x, emb.weight)``), found from the autograd graph in eager mode
+(:mod:`jdoptim.gramian._graph`; under ``torch.compile`` the graph is hidden and the verdict of
+the last eager :meth:`~LayerwiseGramianEngine.compute` is used).
+
+Limits: modules that mix samples make per-sample losses non-separable:
 ``BatchNorm*`` with batch statistics raises, other mixing (attention across the batch, a
 ``x - x.mean(0)``) cannot be detected. Module outputs must not be modified in place (e.g.
 ``ReLU(inplace=True)`` right after a ``Linear``): that raises, unless ``clone_outputs=True``.
@@ -253,6 +261,9 @@ class LayerwiseGramianEngine(GramianEngine):
         self._handles: list[RemovableHandle] = []
         self._records: list[_Record | _Inexact | _Info] = []
         self._generic: set[int] = set()  # engine indices of parameters only the fallback covers
+        # Engine indices of parameters used outside their module's calls at the last eager
+        # compute (see _graph), also applied under torch.compile.
+        self._outside: frozenset[int] = frozenset()
         seen: set[int] = set()
         for root in modules:
             for name, module in root.named_modules():
@@ -463,13 +474,15 @@ class LayerwiseGramianEngine(GramianEngine):
         covered = {i for r in valid for i in r.info.pidx.values()} - invalid
         covered &= wanted
         if covered and graph_visible():
-            # Claimed parameters that the losses also use outside the recorded calls.
+            # Claimed parameters that the losses also use outside the recorded calls; the
+            # verdict is kept for compiled steps, which cannot see the graph.
             uses = [
                 (r.output, r.stop, [self._params[i] for i in r.info.pidx.values() if i in covered])
                 for r in valid
             ]
             outside = used_outside([losses], uses)
-            covered -= {i for i in covered if id(self._params[i]) in outside}
+            self._outside = frozenset(i for i in covered if id(self._params[i]) in outside)
+        covered -= self._outside
 
         def want(i: int) -> bool:
             return i in covered

@@ -219,6 +219,10 @@ class MultiTaskGramianEngine(GramianEngine):
                         f"A parameter is both in the trunk and in head {self._head_of[id(p)]}."
                     )
                 self._trunk_params.add(id(p))
+        # `id` of the parameters found used outside their part (head, trunk, trunk Linear call)
+        # at the last eager compute (see _graph), also applied under torch.compile.
+        self._escaped_ids: frozenset[int] = frozenset()
+        self._outside_ids: frozenset[int] = frozenset()
         self._handles: list[RemovableHandle] = []
         self._head_calls: list[list[_HeadCall]] = [[] for _ in heads]
         self._trunk_calls: list[_TrunkCall] = []
@@ -347,10 +351,10 @@ class MultiTaskGramianEngine(GramianEngine):
         # a head's weight read elsewhere) take the exact fallback below. Eager only (_graph).
         roots, members = _roots(heads, per_row)
         users = None
-        escaped: set[int] = set()
-        if graph_visible():
+        if graph_visible():  # else: the verdict of the last eager compute
             users, escaped = self._escaped(losses, params, heads, roots)
-        known = (self._head_of.keys() | self._trunk_params) - escaped
+            self._escaped_ids = frozenset(escaped)
+        known = (self._head_of.keys() | self._trunk_params) - self._escaped_ids
 
         # 2. One ordinary backward through the heads: every delta_k and head gradient.
         used = [k for k in range(m) if heads[k] is not None]
@@ -472,14 +476,15 @@ class MultiTaskGramianEngine(GramianEngine):
                 calls.append((call, pidx))
                 covered.update(pidx.values())
         covered -= inexact
+        by_index = {index[id(p)]: p for p in trunk_params}
         if covered and users is not None:
-            by_index = {index[id(p)]: p for p in trunk_params}
             regions = [
                 (local_nodes(c.output, c.stop), [by_index[i] for i in pidx.values()])
                 for c, pidx in calls
             ]
             outside = outside_of(users, regions)
-            covered -= {i for i in covered if id(by_index[i]) in outside}
+            self._outside_ids = frozenset(outside & {id(p) for p in trunk_params})
+        covered -= {i for i in covered if id(by_index[i]) in self._outside_ids}
         calls = [(c, pidx) for c, pidx in calls if any(i in covered for i in pidx.values())]
         fallback = [p for p in trunk_params if index[id(p)] not in covered]
 

@@ -127,7 +127,7 @@ def test_validation_repr_and_str() -> None:
         CAGrad(0.5, solver="scs")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="square"):
         CAGradWeighting(0.5)(torch.ones(2, 3))
-    assert repr(CAGrad(c=0.5)) == "CAGrad(c=0.5, norm_eps=0.0001)"
+    assert repr(CAGrad(c=0.5)) == "CAGrad(c=0.5, norm_eps=None)"
     assert repr(CAGradWeighting(c=0.5)) == "CAGradWeighting()"
     assert [str(CAGrad(c)) for c in (0.0, 0.5, 1.0, 2.0, 0.25)] == [
         "CAGrad0",
@@ -147,7 +147,7 @@ needs_cvxpy = pytest.mark.skipif(
 @needs_cvxpy
 def test_cvxpy_solver_reproduces_torchjd() -> None:
     aggregator = CAGrad(0.5, solver="cvxpy")
-    assert repr(aggregator) == "CAGrad(c=0.5, norm_eps=0.0001, solver='cvxpy')"
+    assert repr(aggregator) == "CAGrad(c=0.5, norm_eps=None, solver='cvxpy')"
     J = torch.tensor(J_KRUM, dtype=torch.float64)
     # torchjd 0.18's numbers (CLARABEL with default tolerances), to 10 significant digits.
     expected = [51.81374107, -94.07140153, 47.0434607]

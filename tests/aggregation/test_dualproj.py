@@ -40,7 +40,7 @@ def test_non_conflicting_and_weights_sum_rows() -> None:
 def test_repr_str_and_module_tree() -> None:
     assert (
         repr(DualProj())
-        == "DualProj(pref_vector=None, norm_eps=0.0001, reg_eps=0.0001, solver='torch')"
+        == "DualProj(pref_vector=None, norm_eps=None, reg_eps=0.0001, solver='torch')"
     )
     assert str(DualProj()) == "DualProj"
     assert str(DualProj(torch.tensor([0.5, 0.25]))) == "DualProj([0.5, 0.25])"

@@ -26,7 +26,10 @@ def test_matches_linalg_reference(kind: str, m: int) -> None:
     G = J @ J.T
     w = IMTLGWeighting()(G)
     expected = imtlg_ref(G, EPS64)
-    torch.testing.assert_close(w, expected, rtol=1e-7, atol=1e-9 * expected.abs().max())
+    # The weights are computed from G / tr(G) (exactly scale-invariant), the reference from G:
+    # on the worst-conditioned kind (conflict_lowdim, m = 12) Jacobi's rounding then differs
+    # by ~1.2e-7 relative.
+    torch.testing.assert_close(w, expected, rtol=2e-7, atol=1e-9 * expected.abs().max())
 
 
 @settings(max_examples=25, deadline=None)

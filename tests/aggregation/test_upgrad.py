@@ -70,8 +70,7 @@ def test_non_conflicting_and_weights_sum_rows() -> None:
 
 def test_repr_str_and_module_tree() -> None:
     assert (
-        repr(UPGrad())
-        == "UPGrad(pref_vector=None, norm_eps=0.0001, reg_eps=0.0001, solver='torch')"
+        repr(UPGrad()) == "UPGrad(pref_vector=None, norm_eps=None, reg_eps=0.0001, solver='torch')"
     )
     assert str(UPGrad()) == "UPGrad"
     assert str(UPGrad(torch.tensor([0.5, 0.25]))) == "UPGrad([0.5, 0.25])"

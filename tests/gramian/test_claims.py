@@ -248,3 +248,44 @@ def test_plain_layers_keep_their_rules() -> None:
     assert used_outside([out.sum()], [(y, None, list(model[0].parameters()))]) == set()
     assert set(engine.report().values()) == {"linear"}
     engine.remove()
+
+
+def test_compiled_steps_keep_the_eager_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile the graph is hidden (``graph_visible()`` is false): the verdict of
+    the last eager step still sends the weight used outside its module to the fallback."""
+    import jdoptim.gramian.layerwise as layerwise
+    import jdoptim.gramian.multitask as multitask
+
+    torch.manual_seed(8)
+    model = UsesAnotherWeight().double()
+    engine = LayerwiseGramianEngine(model)
+    params = list(model.parameters())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert_same_as_jacobian(engine, per_sample(model, x), params)  # eager: the graph is read
+
+    trunk = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, z: Tensor) -> Tensor:
+            return self.lin(z + F.linear(z, trunk[0].weight))
+
+    heads = nn.ModuleList(Head() for _ in range(2)).double()
+    mt = MultiTaskGramianEngine(trunk, heads)
+    mt_params = [*trunk.parameters(), *heads.parameters()]
+
+    def mt_losses() -> Tensor:
+        z = trunk(torch.randn(6, 4, dtype=torch.float64))
+        return torch.stack([(h(z) ** 2).mean() for h in heads])
+
+    assert_same_as_jacobian(mt, mt_losses(), mt_params)
+
+    monkeypatch.setattr(layerwise, "graph_visible", lambda: False)
+    monkeypatch.setattr(multitask, "graph_visible", lambda: False)
+    assert_same_as_jacobian(engine, per_sample(model, x), params)
+    assert_same_as_jacobian(mt, mt_losses(), mt_params)
+    engine.remove()
+    mt.remove()
