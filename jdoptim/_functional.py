@@ -69,6 +69,11 @@ class WeightingStrategy:
     """
 
     def __init__(self, weighting: Weighting | GeneralizedWeighting | Aggregator) -> None:
+        if isinstance(weighting, type):
+            raise TypeError(
+                f"`weighting` should be an instance, but got the class `{weighting.__name__}`: "
+                f"instantiate it, e.g. `{weighting.__name__}()`."
+            )
         self.source = weighting
         self.gramian_weighting: Weighting | None = None
         self.generalized: GeneralizedWeighting | None = None

@@ -8,6 +8,7 @@ the inner optimizer's ``step()``.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -170,6 +171,11 @@ class JDOptimizer(torch.optim.Optimizer):
             )
         if isinstance(optimizer, JDOptimizer):
             raise TypeError("`optimizer` is already a JDOptimizer.")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "LBFGS is not supported as the inner optimizer: it re-evaluates a closure several "
+                "times per step, while a JD step computes the update from one evaluation."
+            )
         if distributed not in ("auto", "global", "local", "off"):
             raise ValueError(
                 "`distributed` should be one of ('auto', 'global', 'local', 'off'), but got "
@@ -224,6 +230,12 @@ class JDOptimizer(torch.optim.Optimizer):
             jd = list(params)
             if isinstance(params, Tensor) or not jd:
                 raise ValueError("`params` should be a non-empty iterable of parameters.")
+            if len(_unique(jd)) != len(jd):  # as torch.optim does for a param group
+                warnings.warn(
+                    "`params` lists a parameter more than once; it takes part in the Jacobian "
+                    "once.",
+                    stacklevel=2,
+                )
             inner = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if any(id(p) not in inner for p in jd):
                 raise ValueError("Every tensor of `params` must be a parameter of `optimizer`.")
@@ -232,6 +244,12 @@ class JDOptimizer(torch.optim.Optimizer):
                     f"{weighting!r} produces no weights; use other_params_grad='sum' with it."
                 )
             self._jd_ids = frozenset(id(p) for p in jd)
+        if model is not None:
+            try:
+                _check_sparse_embeddings(model, self._split_params()[0])
+            except ValueError:
+                self.close()  # unhook now rather than when garbage collected
+                raise
         if configure_compile:
             _configure_compile()
 
@@ -305,7 +323,8 @@ class JDOptimizer(torch.optim.Optimizer):
 
     # -- Jacobian descent -----------------------------------------------------------------------
     def _split_params(self) -> tuple[list[Tensor], list[Tensor]]:
-        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        # Deduplicated: a parameter listed twice (torch.optim warns) gets its gradient once.
+        trainable = _unique(p for g in self.param_groups for p in g["params"] if p.requires_grad)
         if self._jd_ids is None:
             return trainable, []
         jd = [p for p in trainable if id(p) in self._jd_ids]
@@ -317,7 +336,8 @@ class JDOptimizer(torch.optim.Optimizer):
 
         Only fills ``.grad``: clip, accumulate over more calls or unscale, then call
         :meth:`step` with no losses. Returns the detached weights (shape of ``losses``; NaN when
-        the step is skipped; ``None`` for a Jacobian-only aggregator without weights).
+        the step is skipped; ``None`` for a Jacobian-only aggregator without weights). Works
+        under ``torch.no_grad()`` like ``loss.backward()``: the losses carry their graph.
         """
         if not self._comm_resolved:  # once: a single process then never looks again
             self._comm = resolve_mode(self.distributed, self.process_group)
@@ -332,27 +352,34 @@ class JDOptimizer(torch.optim.Optimizer):
                     "DistributedDataParallel and pass distributed='off' (DDP then averages the "
                     "gradients; a stateful scalarizer sees each rank's own losses)."
                 )
-            if _scalarized.scalarized_backward(
-                self._scalarizer, losses, self.nonfinite, retain_graph
-            ):
+            with torch.enable_grad():  # as for JD below: the losses carry their graph
+                skipped = _scalarized.scalarized_backward(
+                    self._scalarizer, losses, self.nonfinite, retain_graph
+                )
+            if skipped:
                 self._record.skip_next = True
             return None
         for module in self._loss_aware:  # GradNorm, DB-MTL: they read the losses too
             module.observe_losses(losses)
         jd, other = self._split_params()
-        out = jd_backward(
-            losses,
-            jd,
-            self._strategy,
-            self.engine,
-            other_params=other,
-            other_params_grad=self.other_params_grad,
-            nonfinite=self.nonfinite,
-            retain_graph=retain_graph,
-            comm=self._comm,
-            batch_dim=getattr(self, "batch_dim", None),
-            engine_params=None if self._fsdp2 is None else self._unsharded(jd),
-        )
+        try:
+            with torch.enable_grad():
+                out = jd_backward(
+                    losses,
+                    jd,
+                    self._strategy,
+                    self.engine,
+                    other_params=other,
+                    other_params_grad=self.other_params_grad,
+                    nonfinite=self.nonfinite,
+                    retain_graph=retain_graph,
+                    comm=self._comm,
+                    batch_dim=getattr(self, "batch_dim", None),
+                    engine_params=None if self._fsdp2 is None else self._unsharded(jd),
+                )
+        except NotImplementedError as error:
+            _explain_sparse_gradients(losses, jd, error)
+            raise
         record = self._record
         if out.skipped:
             record.skip_next = True
@@ -591,6 +618,14 @@ class JDOptimizer(torch.optim.Optimizer):
         self.__dict__.update(state)
         self._patch_step_function()
 
+    def close(self) -> None:
+        """Remove the hooks that the engine placed on the model (layer-wise and multi-task
+        engines), and what they stored. Also done when the engine is garbage collected, e.g.
+        with this optimizer; ``close()`` makes it deterministic (idempotent)."""
+        remove = getattr(self.engine, "remove", None)
+        if callable(remove):
+            remove()
+
     def reset(self) -> None:
         """Reset every stateful weighting module (:class:`~jdoptim.aggregation.Stateful`) and
         the monitoring attributes; the inner optimizer's state is left alone."""
@@ -695,3 +730,55 @@ def _check_inner_state_dict(optimizer: torch.optim.Optimizer, inner: dict[str, A
                 f"Parameter group {i} of the state dict has {len(saved_group['params'])} "
                 f"parameter(s); the inner optimizer's has {len(group['params'])}."
             )
+
+
+def _unique(params: Iterable[Tensor]) -> list[Tensor]:
+    """``params`` without repeats, in order."""
+    seen: set[int] = set()
+    out: list[Tensor] = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+_SPARSE_HINT = (
+    "its sparse gradient cannot be batched into a Jacobian. Build it with sparse=False (the "
+    "inner optimizer then gets a dense gradient), or leave its weight out of the Jacobian "
+    "with JDOptimizer(..., params=[...]) (it then gets an ordinary gradient, sparse allowed)."
+)
+
+
+def _check_sparse_embeddings(model: torch.nn.Module, jd: list[Tensor]) -> None:
+    """Raise for an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` whose weight is a
+    JD parameter (eager, construction time)."""
+    ids = {id(p) for p in jd}
+    for name, module in model.named_modules():
+        sparse_type = isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+        if sparse_type and module.sparse and id(module.weight) in ids:
+            where = f"Module {name!r} ({module!r})" if name else f"The model ({module!r})"
+            raise ValueError(f"{where} is not supported: " + _SPARSE_HINT)
+
+
+def _explain_sparse_gradients(losses: Tensor, jd: list[Tensor], error: Exception) -> None:
+    """After a ``NotImplementedError`` (eager): if the losses' graph holds a sparse-gradient
+    embedding of a JD parameter, raise a clear error naming it."""
+    if not isinstance(losses, Tensor) or losses.grad_fn is None:
+        return
+    ids = {id(p) for p in jd}
+    stack, seen = [losses.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_saved_sparse", False) is True:
+            weight = getattr(node.next_functions[0][0], "variable", None)
+            if weight is not None and id(weight) in ids:
+                kind = "nn.EmbeddingBag" if "Bag" in node.name() else "nn.Embedding"
+                raise ValueError(
+                    f"{kind}(sparse=True) with weight of shape {tuple(weight.shape)} is not "
+                    "supported: " + _SPARSE_HINT
+                ) from error
+        stack.extend(next_node for next_node, _ in node.next_functions)

@@ -35,11 +35,12 @@ def frank_wolfe_min_norm(gramian: Tensor, epsilon: float, max_iters: int) -> Ten
         \gamma = \begin{cases} 1 & c \le a \\ 0 & b \le a \\
         \frac{b - a}{b + c - 2a} & \text{otherwise} \end{cases}
 
-    and sets :math:`\alpha \leftarrow (1 - \gamma)\alpha + \gamma e_t`. The first iteration with
-    :math:`\gamma < \varepsilon` is applied and then freezes :math:`\alpha` (a ``done`` flag read
-    through ``torch.where``). On an accelerator the loop therefore always runs ``max_iters``
-    iterations and never syncs; on the CPU, where reading the flag is free, it stops at the flag
-    (:func:`~jdoptim.solvers._loop.bounded_loop`), with the same result.
+    and sets :math:`\alpha \leftarrow (1 - \gamma)\alpha + \gamma e_t` (:math:`\gamma` clamped
+    to :math:`[0, 1]` against rounding, so that :math:`\alpha \ge 0` holds exactly). The first
+    iteration with :math:`\gamma < \varepsilon` is applied and then freezes :math:`\alpha` (a
+    ``done`` flag read through ``torch.where``). On an accelerator the loop therefore always
+    runs ``max_iters`` iterations and never syncs; on the CPU, where reading the flag is free, it
+    stops at the flag (:func:`~jdoptim.solvers._loop.bounded_loop`), with the same result.
 
     >>> import torch
     >>> frank_wolfe_min_norm(torch.tensor([[18.0, -22.0], [-22.0, 38.0]]), 1e-3, 100)
@@ -62,6 +63,9 @@ def frank_wolfe_min_norm(gramian: Tensor, epsilon: float, max_iters: int) -> Ten
         # Guarded denominator: the discarded branches must not create NaN gradients.
         denominator = torch.where(vertex | stay, 1.0, b + c - 2 * a)
         gamma = torch.where(vertex, 1.0, torch.where(stay, 0.0, (b - a) / denominator))
+        # In exact arithmetic gamma is in [0, 1]; rounding can push it just outside, which would
+        # make a weight negative. Clamped, every update is a convex combination: alpha >= 0.
+        gamma = gamma.clamp(0.0, 1.0)
         updated = (1 - gamma) * alpha + gamma * (indices == t).to(dtype)
         return torch.where(done, alpha, updated), done | (gamma < epsilon).squeeze(0)
 
@@ -73,7 +77,9 @@ def frank_wolfe_min_norm(gramian: Tensor, epsilon: float, max_iters: int) -> Ten
         alpha0 = alpha0 + 0 * gramian[0]
     done0 = torch.zeros((), dtype=torch.bool, device=device)
     alpha, _ = bounded_loop(max_iters, body, (alpha0, done0), done_index=1)
-    return alpha
+    # Rounding makes the sum drift from 1 by a few ulps over the iterations: renormalise (the
+    # weights stay >= 0; in exact arithmetic the sum is 1 and this changes nothing).
+    return alpha / alpha.sum()
 
 
 class MGDAWeighting(Weighting):
@@ -86,7 +92,8 @@ class MGDAWeighting(Weighting):
 
     found by at most ``max_iters`` Frank–Wolfe iterations (see :func:`frank_wolfe_min_norm`),
     stopping at the first step :math:`\gamma <` ``epsilon``. The iterations run in float64 and
-    the weights are cast back to the Gramian's dtype.
+    the weights are cast back to the Gramian's dtype. The weights are on the simplex: exactly
+    non-negative, and summing to 1 up to rounding.
 
     :param epsilon: Positive step size below which the iterations stop.
     :param max_iters: Positive maximum number of iterations.
@@ -131,8 +138,10 @@ class MGDA(GramianWeightedAggregator):
     :param max_iters: Positive maximum number of Frank–Wolfe iterations.
 
     >>> import torch
-    >>> MGDA()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
-    tensor([0., 1., 1.])
+    >>> J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    >>> d = MGDA()(J)  # (0, 1, 1) up to rounding (the first entry cancels: 0.6 * -4 + 0.4 * 6)
+    >>> torch.allclose(d, torch.tensor([0.0, 1.0, 1.0]), atol=1e-6)
+    True
     """
 
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:

@@ -66,6 +66,7 @@ Limits: modules that mix samples make per-sample losses non-separable:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -316,6 +317,9 @@ class LayerwiseGramianEngine(GramianEngine):
                     continue
                 seen.add(id(module))
                 self._hook(name or type(module).__name__, module)
+        # The hooks hold the engine only weakly, so the model does not keep it alive; once it is
+        # gone (e.g. with the JDOptimizer that built it), this finalizer unhooks the model.
+        weakref.finalize(self, remove_handles, self._handles)
 
     # ------------------------------------------------------------------------------ hooking
 
@@ -346,24 +350,27 @@ class LayerwiseGramianEngine(GramianEngine):
         self._handles.append(module.register_forward_hook(hook))
 
     def _make_hook(self, info: _Info):
+        engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
+
         def hook(module: nn.Module, args: tuple, output: object) -> object:
-            if not torch.is_grad_enabled():
+            engine = engine_ref()
+            if engine is None or not torch.is_grad_enabled():
                 return None
             self._note_eager()
             if mixes_samples(module):
-                self._records.append(info)
+                engine._records.append(info)
                 return None
             if info.rule is GENERIC or not isinstance(output, Tensor):
                 return None
             if not output.requires_grad:
                 return None
             if not exact_call(module, info.cls, info.params, info.hook):
-                self._records.append(_Inexact(info))
+                engine._records.append(_Inexact(info))
                 return None
             saved = info.rule.save(module, args, output)
             version = -1 if torch.compiler.is_compiling() else output._version
-            self._records.append(_Record(info, saved, output, version, input_node(args)))
-            return output.clone() if self.clone_outputs else None
+            engine._records.append(_Record(info, saved, output, version, input_node(args)))
+            return output.clone() if engine.clone_outputs else None
 
         # Returns nothing (the output is unchanged) unless it clones the outputs.
         hook._jdoptim_passive = not self.clone_outputs  # type: ignore[attr-defined]
@@ -414,10 +421,9 @@ class LayerwiseGramianEngine(GramianEngine):
             self._eager_calls = True
 
     def remove(self) -> None:
-        """Remove the hooks and drop whatever they stored."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hooks and drop whatever they stored (also done when the engine is garbage
+        collected)."""
+        remove_handles(self._handles)
         self.reset()
 
     def reset(self) -> None:
@@ -708,6 +714,13 @@ class LayerwiseGramianEngine(GramianEngine):
     def report(self) -> dict[str, str]:
         """Which rule handles each hooked module (``"generic"``: exact batched-vjp fallback)."""
         return {info.name: info.rule.name for info in self._infos}
+
+
+def remove_handles(handles: list[RemovableHandle]) -> None:
+    """Remove hooks and empty the list (an engine's :meth:`remove` and its finalizer)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def scaled_gram(

@@ -55,6 +55,7 @@ that reads :math:`z`, or a trunk activation, directly is not seen); use the
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,7 @@ from ._kernels import accumulation_dtype
 from ._layers import Dims, Factor, LinearRule, PerSample, exact_call, rule_for
 from ._scale import gram_shift, pow2
 from ._vjp import chunked_batched_grad
-from .layerwise import Strategy, prepare_factors
+from .layerwise import Strategy, prepare_factors, remove_handles
 
 if TYPE_CHECKING:
     from ..distributed import Communicator
@@ -268,48 +269,63 @@ class MultiTaskGramianEngine(GramianEngine):
                 seen.add(id(module))
                 hook = self._make_trunk_hook(type(module), dict(module._parameters))
                 self._handles.append(module.register_forward_hook(hook))
+        # The hooks hold the engine only weakly (the model must not keep it alive); once it is
+        # gone, this finalizer unhooks the model.
+        weakref.finalize(self, remove_handles, self._handles)
 
     # ------------------------------------------------------------------------------ hooks
 
     def _make_pre_hook(self, k: int):
+        engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
+
         def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-            if not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor):
+            engine = engine_ref()
+            if engine is None or not torch.is_grad_enabled():
+                return None
+            if not args or not isinstance(args[0], Tensor):
                 return None
             source = args[0]
             if not source.requires_grad:
                 return None
             alias = source.view_as(source)
-            self._head_calls[k].append(_HeadCall(source, alias))
+            engine._head_calls[k].append(_HeadCall(source, alias))
             return (alias, *args[1:])
 
         return pre_hook
 
     def _make_head_hook(self, k: int):
+        engine_ref = weakref.ref(self)
+
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            calls = self._head_calls[k]
+            engine = engine_ref()
+            if engine is None:
+                return
+            calls = engine._head_calls[k]
             if calls and calls[-1].output is None and isinstance(output, Tensor):
                 calls[-1].output = output
 
         return hook
 
     def _make_trunk_hook(self, cls: type, params: dict[str, object]):
+        engine_ref = weakref.ref(self)
+
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            engine = engine_ref()
+            if engine is None or not torch.is_grad_enabled() or not isinstance(output, Tensor):
                 return
             if not output.requires_grad or not args or not isinstance(args[0], Tensor):
                 return
             exact = exact_call(module, cls, params, hook)
             call = _TrunkCall(module, args[0].detach(), output, input_node(args), exact)
-            self._trunk_calls.append(call)
+            engine._trunk_calls.append(call)
 
         hook._jdoptim_passive = True  # type: ignore[attr-defined]
         return hook
 
     def remove(self) -> None:
-        """Remove the hooks and drop whatever they stored."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hooks and drop whatever they stored (also done when the engine is garbage
+        collected)."""
+        remove_handles(self._handles)
         self.reset()
 
     def reset(self) -> None:
