@@ -64,7 +64,7 @@ def _moco_reference(js, beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rh
 
 
 def test_moco_matches_a_direct_implementation_and_resets() -> None:
-    moco = MoCo(rho=0.1)
+    moco = MoCo(rho=0.1, normalize=False)
     expected = _moco_reference([J.numpy() for J in _JS], rho=0.1)
     for J, ref in zip(_JS, expected, strict=True):
         np.testing.assert_allclose(moco(J).numpy(), ref, rtol=1e-12, atol=1e-12)
@@ -94,7 +94,7 @@ def test_moco_and_dbmtl_compile_whole_and_follow_eager() -> None:
     for make in (lambda: MoCo(rho=0.1), lambda: DBMTL(beta=0.9, beta_sigma=0.5)):
         eager, compiled_obj = make(), make()
         for obj in (eager, compiled_obj):
-            if isinstance(obj, DBMTL):
+            if isinstance(obj, (DBMTL, MoCo)):
                 obj.observe_losses(_LS[0])
         first = [eager(_JS[0]), compiled_obj(_JS[0])]  # lazy state creation stays eager
         torch.testing.assert_close(first[0], first[1])

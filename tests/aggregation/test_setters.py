@@ -117,6 +117,7 @@ for _name, _bad in (("beta", -1.0), ("beta_sigma", -1.0), ("gamma", -1.0)):
     _case(agg.MoCo, {}, _name, 0.3, _bad)
 _case(agg.MoCo, {}, "gamma_sigma", 0.3, -1.0)
 _case(agg.MoCo, {}, "rho", 0.3, -1.0)
+_case(agg.MoCo, {}, "normalize", False)
 
 
 @pytest.fixture(autouse=True, scope="module")
