@@ -55,7 +55,13 @@ class DBMTL(LossAware, LazyState, Aggregator, Stateful):
         \beta_t = \beta / t^{\beta_\sigma}, \qquad
         \alpha_i = \frac{\max_j \|B_j\|}{\|B_i\| + 10^{-8}}, \qquad d = \sum_i \alpha_i B_i,
 
-    with :math:`B = 0` at the start and no bias correction (LibMTL's ``DB_MTL``). With
+    with :math:`B = 0` at the start and no bias correction: LibMTL's ``DB_MTL`` step for step,
+    with its defaults and its :math:`10^{-8}` terms (``tests/aggregation/test_libmtl_parity.py``
+    checks it against autograd of :math:`\log(L_i + 10^{-8})`). The one difference is where it
+    applies: LibMTL combines the gradients of the shared parameters and gives the task-specific
+    ones the plain gradient of :math:`\sum_i \log(L_i + 10^{-8})`; here every JD parameter
+    gets :math:`d` (``JDOptimizer(..., params=shared)`` restricts it; the others then get the
+    gradient of the raw losses, not of their logs). With
     :math:`\beta > 0` the update is not a combination of the current rows, so this needs the
     Jacobian (``JDOptimizer`` materialises it) and keeps an ``[m, n]`` state; with
     ``beta = 0`` use :class:`DBMTLWeighting` (Gramian only). Needs the losses

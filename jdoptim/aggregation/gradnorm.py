@@ -32,15 +32,31 @@ class GradNormWeighting(LossAware, LazyState, Weighting, Stateful):
     :math:`O(m)` update. Stateful (:math:`w`, :math:`L^{(0)}`), sync-free (``sign`` and
     ``where``), not differentiable.
 
-    Differences with LibMTL's ``GradNorm``: LibMTL trains :math:`s` with
-    :math:`w = m\operatorname{softmax}(s)` by the model's optimiser, takes :math:`L^{(0)}` as
-    the mean loss of the first epoch (keeping :math:`w = 1` during it) and the norms over all
-    shared parameters; here :math:`w` is updated in closed form with its own step size
-    :math:`\eta`, :math:`L^{(0)}` is the first observed losses and the norms are those of the
-    Gramian the engine computes (all the JD parameters).
+    This is the paper's Algorithm 1 (a gradient step on :math:`w`, then renormalisation to
+    :math:`\sum_i w_i = m`); the clamp at 0 is ours (the paper is silent on negative weights;
+    at :math:`w_i = 0` the one-sided derivative :math:`n_i` lets a zeroed weight recover). The
+    gradient in :math:`w` is LibMTL's (``tests/aggregation/test_libmtl_parity.py`` checks it
+    against autograd of LibMTL's :math:`L_\text{grad}`, target detached). Differences with
+    LibMTL's ``GradNorm``, all deliberate:
+
+    * LibMTL parametrises :math:`w = m\operatorname{softmax}(s)` and trains :math:`s` with the
+      model's optimiser (by default Adam, lr :math:`10^{-4}`, weight decay :math:`10^{-5}`,
+      applied to :math:`s` too); here :math:`w` takes the paper's plain step with its own
+      :math:`\eta`. That step is :math:`\eta\, n_i`: it scales with the gradient norms, so
+      choose ``lr`` for the scale of the gradients (Adam on :math:`s` is scale-free).
+    * LibMTL takes :math:`L^{(0)}` as the mean loss of the first epoch and keeps :math:`w = 1`
+      during it; here :math:`L^{(0)}` is the first observed losses (the paper's
+      :math:`L_i(0)`) and the update starts at the first call.
+    * LibMTL's norms are over all shared parameters and its task-specific parameters get the
+      gradient of :math:`\sum_i L_i`; here the norms are those of the Gramian the engine
+      computes (the JD parameters). ``JDOptimizer(..., params=shared,
+      other_params_grad="sum")`` gives LibMTL's split.
+
+    Same as LibMTL: the call returns the weights from before its update, :math:`\alpha = 1.5`,
+    :math:`w = \mathbb 1` at the start, no epsilon in :math:`\tilde L`.
 
     :param alpha: Asymmetry :math:`\alpha \ge 0` (LibMTL's default 1.5).
-    :param lr: Step size :math:`\eta > 0` of the weights.
+    :param lr: Step size :math:`\eta > 0` of the weights (ours; see above).
 
     >>> import torch
     >>> w = GradNormWeighting()

@@ -34,7 +34,10 @@ class MoCo(LossAware, LazyState, Aggregator, Stateful):
     the default here, so the defaults reproduce LibMTL's ``MoCo`` step for step (its defaults
     too); ``normalize=False`` gives the paper's form (and torchjd's draft), which needs no
     losses. With ``normalize=True`` call :meth:`observe_losses` before each call
-    (``JDOptimizer`` does it).
+    (``JDOptimizer`` does it). ``tests/aggregation/test_libmtl_parity.py`` checks the defaults
+    against an eager re-statement of LibMTL's rule. As for every method here, LibMTL applies it
+    to the shared parameters only (its task-specific ones get the gradient of
+    :math:`\sum_i L_i`): ``JDOptimizer(..., params=shared, other_params_grad="sum")``.
 
     :math:`Y Y^\top` comes from the tracked :math:`Y`, not from the current Gramian, so MoCo
     needs the Jacobian (``JDOptimizer`` materialises it) and keeps an ``[m, n]`` state: about
