@@ -35,8 +35,6 @@ from .distributed import (
     resolve_mode,
 )
 from .gramian import GramianEngine, resolve_engine
-from .gramian.layerwise import LayerwiseGramianEngine
-from .gramian.multitask import MultiTaskGramianEngine
 from .scalarization import Scalarizer
 
 
@@ -562,19 +560,12 @@ class JDOptimizer(torch.optim.Optimizer):
         As for torch optimizers, copy the model and the optimizer together
         (``copy.deepcopy((model, opt))``, one ``pickle.dumps((model, opt))``) for the copy to
         step the copied model. An engine that hooks the model's modules (layer-wise,
-        multi-task) records into itself from those hooks, which a copy of the model would
-        still call: such an optimizer refuses to be copied (build a new one on the copy).
+        multi-task) is rebuilt on the copied modules; the hooks a copied model carries from the
+        original engine are inert (they record nothing).
         In a distributed run the copy resolves its own communicator on its first backward;
         a ``process_group`` given at construction is shared by ``deepcopy`` and cannot be
         pickled (as torch's process groups).
         """
-        if isinstance(self.engine, _HOOK_ENGINES):
-            raise TypeError(
-                f"A JDOptimizer with the hook-based {type(self.engine).__name__} cannot be "
-                "copied or pickled: the hooks on the model's modules belong to this engine. "
-                "Copy or pickle the model (and, for the inner optimizer's state, "
-                "`opt.state_dict()`) and build a new JDOptimizer on the copy."
-            )
         if getattr(self, "_fsdp2", None) is not None:
             raise TypeError(
                 "A JDOptimizer over FSDP2 (sharded) parameters cannot be copied or pickled: it "
@@ -641,9 +632,6 @@ class JDOptimizer(torch.optim.Optimizer):
             f"engine={self.engine!r}, nonfinite={self.nonfinite!r})"
         )
 
-
-# Engines whose forward hooks on the model record into the engine (see `__getstate__`).
-_HOOK_ENGINES = (LayerwiseGramianEngine, MultiTaskGramianEngine)
 
 _STATE_KEY = "jdoptim"
 # Version of the "jdoptim" entry. jdoptim 0.1.0 used another layout (version 1, see

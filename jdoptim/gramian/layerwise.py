@@ -77,6 +77,7 @@ from torch.utils.hooks import RemovableHandle
 from ._base import GramianEngine, GramianResult
 from ._global import gather_batch
 from ._graph import graph_visible, input_node, used_outside
+from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
 from ._layers import (
     GENERIC,
@@ -300,6 +301,7 @@ class LayerwiseGramianEngine(GramianEngine):
         self.batch_dim = batch_dim
         self.strategy = strategy
         self.clone_outputs = clone_outputs
+        self._roots = modules
         self._params: list[nn.Parameter] = []
         self._index: dict[int, int] = {}
         self._infos: list[_Info] = []
@@ -349,32 +351,30 @@ class LayerwiseGramianEngine(GramianEngine):
         info.hook = hook
         self._handles.append(module.register_forward_hook(hook))
 
-    def _make_hook(self, info: _Info):
-        engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
-
-        def hook(module: nn.Module, args: tuple, output: object) -> object:
-            engine = engine_ref()
-            if engine is None or not torch.is_grad_enabled():
-                return None
-            self._note_eager()
-            if mixes_samples(module):
-                engine._records.append(info)
-                return None
-            if info.rule is GENERIC or not isinstance(output, Tensor):
-                return None
-            if not output.requires_grad:
-                return None
-            if not exact_call(module, info.cls, info.params, info.hook):
-                engine._records.append(_Inexact(info))
-                return None
-            saved = info.rule.save(module, args, output)
-            version = -1 if torch.compiler.is_compiling() else output._version
-            engine._records.append(_Record(info, saved, output, version, input_node(args)))
-            return output.clone() if engine.clone_outputs else None
-
+    def _make_hook(self, info: _Info) -> EngineHook:
         # Returns nothing (the output is unchanged) unless it clones the outputs.
-        hook._jdoptim_passive = not self.clone_outputs  # type: ignore[attr-defined]
-        return hook
+        return EngineHook(self, LayerwiseGramianEngine._record_call, info,
+                          passive=not self.clone_outputs)  # fmt: skip
+
+    def _record_call(self, info: _Info, module: nn.Module, args: tuple, output: object) -> object:
+        """The forward hook of a layer claimed by a layer rule (see :meth:`_make_hook`)."""
+        if not torch.is_grad_enabled():
+            return None
+        self._note_eager()
+        if mixes_samples(module):
+            self._records.append(info)
+            return None
+        if info.rule is GENERIC or not isinstance(output, Tensor):
+            return None
+        if not output.requires_grad:
+            return None
+        if not exact_call(module, info.cls, info.params, info.hook):
+            self._records.append(_Inexact(info))
+            return None
+        saved = info.rule.save(module, args, output)
+        version = -1 if torch.compiler.is_compiling() else output._version
+        self._records.append(_Record(info, saved, output, version, input_node(args)))
+        return output.clone() if self.clone_outputs else None
 
     def _hook_module(
         self, name: str, module: nn.Module, rule: ModuleRule, names: list[str]
@@ -392,28 +392,38 @@ class LayerwiseGramianEngine(GramianEngine):
         info = _Info(name, module, rule, pidx)  # type: ignore[arg-type]
         self._infos.append(info)
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-            if not torch.is_grad_enabled():
-                return None
-            self._note_eager()
-            same = all(module.get_parameter(n) is p for n, p in claimed.items())
-            saved = None
-            if same and exact_call(module, info.cls, info.params, hook):
-                saved = rule.save(module, args, kwargs, output)
-            if saved is None:
-                self._records.append(_Inexact(info))
-                return None
-            if not any(o.requires_grad for o in saved.outputs):
-                return None
-            eager = not torch.compiler.is_compiling()
-            versions = [t._version for t in (*saved.outputs, *saved.inputs)] if eager else []
-            stops = {t.grad_fn for t in saved.inputs if eager and t.grad_fn is not None}
-            self._records.append(_ModuleRecord(info, saved, versions, stops))
-            return None
-
-        hook._jdoptim_passive = True  # type: ignore[attr-defined]
+        hook = EngineHook(self, LayerwiseGramianEngine._record_module_call, info, rule, claimed)
         info.hook = hook
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def _record_module_call(
+        self,
+        info: _Info,
+        rule: ModuleRule,
+        claimed: dict[str, Tensor],
+        module: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        output: object,
+    ) -> None:
+        """The forward hook of a module claimed by a module rule (see :meth:`_hook_module`)."""
+        if not torch.is_grad_enabled():
+            return None
+        self._note_eager()
+        same = all(module.get_parameter(n) is p for n, p in claimed.items())
+        saved = None
+        if same and exact_call(module, info.cls, info.params, info.hook):
+            saved = rule.save(module, args, kwargs, output)
+        if saved is None:
+            self._records.append(_Inexact(info))
+            return None
+        if not any(o.requires_grad for o in saved.outputs):
+            return None
+        eager = not torch.compiler.is_compiling()
+        versions = [t._version for t in (*saved.outputs, *saved.inputs)] if eager else []
+        stops = {t.grad_fn for t in saved.inputs if eager and t.grad_fn is not None}
+        self._records.append(_ModuleRecord(info, saved, versions, stops))
+        return None
 
     def _note_eager(self) -> None:
         """Remember that a hook ran outside ``torch.compile`` (see :meth:`compute`)."""
@@ -425,6 +435,13 @@ class LayerwiseGramianEngine(GramianEngine):
         collected)."""
         remove_handles(self._handles)
         self.reset()
+
+    def __reduce__(self) -> tuple:
+        """``copy.deepcopy`` and ``pickle``: a new engine on the (copied) modules, hooked anew
+        (what a copied model carries of this engine's hooks is inert, see ``_hooks``)."""
+        kwargs = {"batch_dim": self.batch_dim, "strategy": self.strategy,
+                  "clone_outputs": self.clone_outputs}  # fmt: skip
+        return (rebuild_engine, (type(self), self._roots, kwargs))
 
     def reset(self) -> None:
         """Drop the inputs/outputs stored since the last :meth:`compute` (e.g. after a forward
@@ -778,3 +795,8 @@ def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) 
 __all__ = ["LayerwiseGramianEngine", "LayerwiseResult"]
 
 _ = (EmbeddingFactor, LinearFactor)  # re-exported types for documentation
+
+
+def rebuild_engine(cls: type, args: tuple, kwargs: dict) -> GramianEngine:
+    """Build an engine anew from its constructor's arguments (the engines' ``__reduce__``)."""
+    return cls(*args, **kwargs)

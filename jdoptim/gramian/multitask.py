@@ -67,11 +67,12 @@ from ..aggregation._checks import should_check_values
 from ._base import GramianEngine, GramianResult
 from ._global import reduce_mean
 from ._graph import graph_visible, input_node, leaf_users, local_nodes, outside_of, reachable
+from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
 from ._layers import Dims, Factor, LinearRule, PerSample, exact_call, rule_for
 from ._scale import gram_shift, pow2
 from ._vjp import chunked_batched_grad
-from .layerwise import Strategy, prepare_factors, remove_handles
+from .layerwise import Strategy, prepare_factors, rebuild_engine, remove_handles
 
 if TYPE_CHECKING:
     from ..distributed import Communicator
@@ -233,6 +234,7 @@ class MultiTaskGramianEngine(GramianEngine):
         self.strategy = strategy
         self.chunk_size = chunk_size
         self.n_tasks = len(heads)
+        self._trunks = trunks
         self._heads = heads
         self._head_of: dict[int, int] = {}
         for k, head in enumerate(heads):
@@ -275,58 +277,58 @@ class MultiTaskGramianEngine(GramianEngine):
 
     # ------------------------------------------------------------------------------ hooks
 
-    def _make_pre_hook(self, k: int):
-        engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
+    def _make_pre_hook(self, k: int) -> EngineHook:
+        return EngineHook(self, MultiTaskGramianEngine._head_pre_hook, k, passive=False)
 
-        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-            engine = engine_ref()
-            if engine is None or not torch.is_grad_enabled():
-                return None
-            if not args or not isinstance(args[0], Tensor):
-                return None
-            source = args[0]
-            if not source.requires_grad:
-                return None
-            alias = source.view_as(source)
-            engine._head_calls[k].append(_HeadCall(source, alias))
-            return (alias, *args[1:])
+    def _make_head_hook(self, k: int) -> EngineHook:
+        return EngineHook(self, MultiTaskGramianEngine._head_hook, k)
 
-        return pre_hook
-
-    def _make_head_hook(self, k: int):
-        engine_ref = weakref.ref(self)
-
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            engine = engine_ref()
-            if engine is None:
-                return
-            calls = engine._head_calls[k]
-            if calls and calls[-1].output is None and isinstance(output, Tensor):
-                calls[-1].output = output
-
+    def _make_trunk_hook(self, cls: type, params: dict[str, object]) -> EngineHook:
+        hook = EngineHook(self, MultiTaskGramianEngine._trunk_hook, cls, params)
+        hook.bound = (cls, params, hook)  # exact_call looks the hook itself up
         return hook
 
-    def _make_trunk_hook(self, cls: type, params: dict[str, object]):
-        engine_ref = weakref.ref(self)
+    def _head_pre_hook(self, k: int, module: nn.Module, args: tuple) -> tuple | None:
+        """Give head ``k`` its own alias of the features, so the heads' gradients stay apart."""
+        if not torch.is_grad_enabled():
+            return None
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        source = args[0]
+        if not source.requires_grad:
+            return None
+        alias = source.view_as(source)
+        self._head_calls[k].append(_HeadCall(source, alias))
+        return (alias, *args[1:])
 
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            engine = engine_ref()
-            if engine is None or not torch.is_grad_enabled() or not isinstance(output, Tensor):
-                return
-            if not output.requires_grad or not args or not isinstance(args[0], Tensor):
-                return
-            exact = exact_call(module, cls, params, hook)
-            call = _TrunkCall(module, args[0].detach(), output, input_node(args), exact)
-            engine._trunk_calls.append(call)
+    def _head_hook(self, k: int, module: nn.Module, args: tuple, output: object) -> None:
+        calls = self._head_calls[k]
+        if calls and calls[-1].output is None and isinstance(output, Tensor):
+            calls[-1].output = output
 
-        hook._jdoptim_passive = True  # type: ignore[attr-defined]
-        return hook
+    def _trunk_hook(
+        self, cls: type, params: dict[str, object], hook: EngineHook,
+        module: nn.Module, args: tuple, output: object,
+    ) -> None:  # fmt: skip
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        if not output.requires_grad or not args or not isinstance(args[0], Tensor):
+            return
+        exact = exact_call(module, cls, params, hook)
+        call = _TrunkCall(module, args[0].detach(), output, input_node(args), exact)
+        self._trunk_calls.append(call)
 
     def remove(self) -> None:
         """Remove the hooks and drop whatever they stored (also done when the engine is garbage
         collected)."""
         remove_handles(self._handles)
         self.reset()
+
+    def __reduce__(self) -> tuple:
+        """``copy.deepcopy`` and ``pickle``: a new engine on the (copied) trunk and heads,
+        hooked anew (what a copied model carries of this engine's hooks is inert)."""
+        kwargs = {"strategy": self.strategy, "chunk_size": self.chunk_size}
+        return (rebuild_engine, (type(self), (self._trunks, self._heads), kwargs))
 
     def reset(self) -> None:
         """Drop the calls stored since the last :meth:`compute`."""
