@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CASES = [("W1", 8), ("W1", 32), ("W2", 64), ("W2", 256), ("W3", 32)]
+CASES = [("W1", 8), ("W1", 32), ("W2", 64), ("W2", 256), ("W3", 32), ("W4", 32), ("W5", 32)]
 
 
 def _child(name: str, size: int, variant: str) -> None:

@@ -1,4 +1,4 @@
-"""The standard workloads (W1 MTL, W2 IWRM MLP, W3 IWRM CNN) with UPGrad, all in one run.
+"""The standard workloads (W1 MTL, W2 IWRM MLP, W3 IWRM CNN, W4 Transformer, W5 GRU) with UPGrad.
 
 Run: ``python bench/bench_workloads.py [--only W2] [--repeats 30]``. One thread, fixed seeds.
 For each workload it prints the median step time of
@@ -35,7 +35,17 @@ from jdoptim import JDOptimizer  # noqa: E402
 from jdoptim.aggregation import UPGradWeighting  # noqa: E402
 from jdoptim.gramian import GramianEngine, MultiTaskGramianEngine  # noqa: E402
 
-CASES = [("W1", 2), ("W1", 8), ("W1", 32), ("W2", 16), ("W2", 64), ("W2", 256), ("W3", 32)]
+CASES = [
+    ("W1", 2),
+    ("W1", 8),
+    ("W1", 32),
+    ("W2", 16),
+    ("W2", 64),
+    ("W2", 256),
+    ("W3", 32),
+    ("W4", 32),
+    ("W5", 32),
+]
 
 
 def jd_step(w: W.Workload, compiled: bool, warm_start: bool = False, engine: str = "auto"):

@@ -5,6 +5,11 @@
 * **W2 IWRM**: MLP 32→128→128→10, per-sample cross-entropy (m = batch size).
 * **W3 CNN IWRM**: Conv(3→16,3x3)-ReLU-Conv(16→32,3x3)-ReLU-global avg pool-Linear(32→10),
   input 3x32x32, batch 32, per-sample cross-entropy.
+* **W4 Transformer IWRM** (issue 13): Embedding(100, 64), 2 x TransformerEncoderLayer(64, 4, 128,
+  dropout=0, batch_first=True), mean over positions, Linear(64, 5); batch 32, sequence 16,
+  per-sample cross-entropy.
+* **W5 GRU IWRM** (issue 13): Embedding(100, 32), GRU(32, 64, batch_first=True), last state,
+  Linear(64, 5); batch 32, sequence 16, per-sample cross-entropy.
 
 Each workload builds a fresh model, a fixed batch and a ``losses(model)`` function; the timing
 scripts wrap them in a plain SGD step, jdoptim steps and (when installed) torchjd's variants.
@@ -46,6 +51,34 @@ def cnn() -> nn.Module:
     )
 
 
+class TransformerNet(nn.Module):
+    """W4: token ids ``[B, T]`` -> 5 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(100, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embedding(x)).mean(1))
+
+
+class GRUNet(nn.Module):
+    """W5: token ids ``[B, T]`` -> 5 logits from the last GRU state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(100, 32)
+        self.gru = nn.GRU(32, 64, batch_first=True)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(self.embedding(x))
+        return self.head(out[:, -1])
+
+
 @dataclass
 class Workload:
     name: str
@@ -60,7 +93,8 @@ class Workload:
 
 
 def make(name: str, size: int, seed: int = 0) -> Workload:
-    """``make("W1", m)``, ``make("W2", batch)``, ``make("W3", batch)``."""
+    """``make("W1", m)``, ``make("W2", batch)``, ``make("W3", batch)``, ``make("W4", batch)``,
+    ``make("W5", batch)`` (sequences of 16 tokens)."""
     torch.manual_seed(seed)
     if name == "W1":
         model = MTLNet(size)
@@ -76,6 +110,9 @@ def make(name: str, size: int, seed: int = 0) -> Workload:
     elif name == "W3":
         model = cnn()
         x, y = torch.randn(size, 3, 32, 32), torch.randint(0, 10, (size,))
+    elif name in ("W4", "W5"):
+        model = TransformerNet() if name == "W4" else GRUNet()
+        x, y = torch.randint(0, 100, (size, 16)), torch.randint(0, 5, (size,))
     else:
         raise ValueError(name)
     return Workload(
@@ -132,7 +169,10 @@ def torchjd_steps(w: Workload) -> dict[str, Callable[[], None]]:
     # The autogram engine hooks its model for good: give it a copy of its own.
     gram_model = copy.deepcopy(w.model)
     gram_opt = torch.optim.SGD(gram_model.parameters(), lr=1e-3)
-    engine = Engine(gram_model, batch_dim=0 if w.kind == "iwrm" else None)
+    try:
+        engine = Engine(gram_model, batch_dim=0 if w.kind == "iwrm" else None)
+    except ValueError:  # autogram refuses some modules (RNNs) with a batch_dim
+        return steps
     weighting = UPGradWeighting()
 
     def autogram() -> None:

@@ -37,7 +37,7 @@ import torch
 
 
 def configure_compile() -> None:
-    """Set the two Dynamo options a compiled JD step needs (idempotent).
+    """Set the Dynamo options a compiled JD step needs (idempotent).
 
     * ``trace_autograd_ops``: trace ``torch.autograd.grad`` (the Gramian engine's batched
       backward) instead of breaking the graph there;
@@ -47,7 +47,12 @@ def configure_compile() -> None:
       ``opt.step(losses)`` would leave the compiled forward graph and the JD backward would run
       eagerly through a compiled backward, which ``vmap`` cannot do (pytorch#138422).
 
-    Both only let Dynamo capture code it would otherwise run eagerly behind a graph break.
+    * ``allow_rnn``: trace ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` instead of breaking the graph
+      at them. Behind such a break the recurrent layer (and the layer-wise engine's hook on it)
+      runs in a frame of its own, and an ``autograd.grad`` traced in the step's later frame does
+      not reach the outputs recorded there (it silently yields no gradient for them).
+
+    All three only let Dynamo capture code it would otherwise run eagerly behind a graph break.
 
     >>> configure_compile()
     >>> import torch
@@ -56,3 +61,4 @@ def configure_compile() -> None:
     """
     torch._dynamo.config.trace_autograd_ops = True
     torch._dynamo.config.nested_graph_breaks = True
+    torch._dynamo.config.allow_rnn = True

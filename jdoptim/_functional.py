@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -34,8 +34,12 @@ from .aggregation._base import (
     Weighting,
 )
 from .aggregation._checks import value_checks
+from .distributed import batch_slice, check_sharded_grads, to_param_layout
 from .gramian import GramianEngine, accumulation_dtype, to_generalized_gramian
 from .gramian._scale import exponent, gram_shift, pow2
+
+if TYPE_CHECKING:
+    from .distributed import Communicator
 
 NonFinitePolicy = Literal["raise", "skip", "propagate"]
 OtherParamsGrad = Literal["weighted", "sum"]
@@ -218,6 +222,8 @@ def jd_backward(
     nonfinite: NonFinitePolicy = "raise",
     retain_graph: bool = False,
     batch_dim: int | None = None,
+    comm: Communicator | None = None,
+    engine_params: Sequence[Tensor] | None = None,
 ) -> JDOutput:
     r"""Accumulate the Jacobian-descent gradient of ``losses`` into ``.grad`` (steps 1–3 of the
     module docstring) and return the weights.
@@ -241,6 +247,11 @@ def jd_backward(
         a 0-d loss (a mean, i.e. a forgotten ``reduction="none"``) raises ``ValueError``. An
         engine with :attr:`~jdoptim.gramian.GramianEngine.shaped_losses` gets ``losses`` as
         they are and ``batch_dim``, any other engine the flat vector.
+    :param comm: distributed step (:mod:`jdoptim.distributed`): ``None`` (single process),
+        or a communicator in ``"global"`` or ``"local"`` mode. In the global mode
+        ``batch_dim`` also says how the ranks' losses concatenate (``None``: batch means).
+    :param engine_params: the tensors the engine differentiates in place of ``params`` (FSDP2:
+        the unsharded parameters of the sharded ``params``); ``None``: ``params``.
 
     >>> import torch
     >>> from jdoptim.aggregation import UPGradWeighting
@@ -271,22 +282,41 @@ def jd_backward(
     retain_graph = retain_graph or compiling
 
     if losses.ndim == 0:
-        return _scalar_backward(losses, params + other_params, check, nonfinite, retain_graph)
+        return _scalar_backward(losses, params + other_params, check, nonfinite, retain_graph, comm)
 
     if not params:
         raise ValueError("Jacobian descent needs at least one JD parameter requiring grad.")
     flat = losses.reshape(-1)
     keep = retain_graph or bool(other_params)
+    differentiated = params if engine_params is None else list(engine_params)
     if engine.shaped_losses:  # the losses as they are, and which dimension is the batch
         extra = {} if batch_dim is None else {"batch_dim": batch_dim}
-        result = engine.compute(losses, params, retain_graph=keep, **extra)
+        result = engine.compute(losses, differentiated, retain_graph=keep, **extra)
     else:
-        result = engine.compute(flat, params, retain_graph=keep)
+        result = engine.compute(flat, differentiated, retain_graph=keep)
+    glob = comm is not None and comm.mode == "global"
+    shape = losses.shape
+    sizes: list[int] | None = None
+    seen = losses.detach()
+    if glob:
+        assert comm is not None
+        if result.batch_dim is not None:
+            batch_dim = result.batch_dim
+        sizes = comm.loss_shapes(losses, batch_dim)
+        sharded = engine_params is not None and batch_dim is None
+        if sharded and strategy.aggregator is None and hasattr(result, "to_shards"):
+            # FSDP2, batch-mean losses, a Gramian weighting: each rank keeps its shard of J.
+            result, seen = result.to_shards(comm, losses, params)
+        else:
+            result, seen = result.to_global(comm, losses, batch_dim, sizes)
+        shape = seen.shape
     gramian = result.gramian.detach()
 
     ok: Tensor | None = None
     if check:
-        flag = torch.isfinite(gramian).all() & torch.isfinite(losses.detach()).all()
+        flag = torch.isfinite(gramian).all() & torch.isfinite(seen).all()
+        if comm is not None and not glob:
+            flag = comm.all_true(flag)  # local mode: every rank raises or skips together
         if compiling:
             ok = flag
         elif not bool(flag):  # the one host read of the step (documented)
@@ -295,24 +325,31 @@ def jd_backward(
                     "The losses or their Gramian hold NaN or inf; no gradient was written. Use "
                     "nonfinite='skip' to skip such steps."
                 )
-            nan = torch.full(losses.shape, float("nan"), dtype=gramian.dtype, device=flat.device)
+            nan = torch.full(shape, float("nan"), dtype=gramian.dtype, device=flat.device)
             return JDOutput(weights=nan, gramian=gramian, skipped=True)
 
     weights: Tensor | None
     with torch.no_grad(), _maybe_no_value_checks(nonfinite):
         if strategy.aggregator is None:
-            weights = strategy.weights_from_gramian(gramian, losses.shape)
+            weights = strategy.weights_from_gramian(gramian, shape)
+            if glob:  # rank 0's weights everywhere: the ranks cannot drift
+                weights = comm.broadcast(weights)  # type: ignore[union-attr]
             grads = result.weighted_gradient(weights.reshape(-1))
         elif strategy.has_weights:
             agg = strategy.aggregator
             assert isinstance(agg, WeightedAggregator)
             weights = agg.weighting(result.jacobian())
-            _check_weights_shape(weights, flat.shape)
-            weights = weights.reshape(losses.shape)
+            _check_weights_shape(weights, torch.Size([shape.numel()]))
+            weights = weights.reshape(shape)
+            if glob:
+                weights = comm.broadcast(weights)  # type: ignore[union-attr]
             grads = result.weighted_gradient(weights.reshape(-1))
         else:
             weights = None
-            grads = result.split(strategy.aggregator(result.jacobian()))
+            update = strategy.aggregator(result.jacobian())
+            if glob:
+                update = comm.broadcast(update)  # type: ignore[union-attr]
+            grads = result.split(update)
 
     other_grads: Sequence[Tensor | None] = []
     if other_params:
@@ -321,18 +358,46 @@ def jd_backward(
                 raise ValueError(
                     f"{strategy.source!r} produces no weights; use other_params_grad='sum' with it."
                 )
-            grad_outputs = weights.reshape(-1).to(flat.dtype)
+            w_local = weights
+            if glob and batch_dim is not None:
+                assert comm is not None and sizes is not None
+                w_local = batch_slice(weights, batch_dim, sizes, comm.rank)
+            grad_outputs = w_local.reshape(-1).to(flat.dtype)
         else:
             grad_outputs = torch.ones_like(flat)
         other_grads = torch.autograd.grad(
             flat, other_params, grad_outputs, retain_graph=retain_graph, allow_unused=True
         )
+        if glob:  # the other parameters' gradient of the global weighted loss
+            op = "avg" if batch_dim is None else "sum"
+            other_grads = _reduce_grads(comm, other_params, other_grads, op)  # type: ignore[arg-type]
+    if comm is not None and engine_params is None:  # FSDP2 + layer-wise engine
+        check_sharded_grads(params, grads)
+    if comm is not None and not glob:  # local mode: average the JD gradients, as DDP
+        everything = _reduce_grads(comm, params + other_params, [*grads, *other_grads], "avg")
+        grads, other_grads = everything[: len(params)], everything[len(params) :]
 
     for p, g in zip(params + other_params, list(grads) + list(other_grads), strict=True):
         if g is not None:
+            if comm is not None:  # sharded parameters (FSDP2): this rank's shard
+                g = to_param_layout(p, g)
             _accumulate(p, g, ok)
     detached = None if weights is None else weights.detach()
     return JDOutput(weights=detached, gramian=gramian, ok=ok)
+
+
+def _reduce_grads(
+    comm: Communicator, params: Sequence[Tensor], grads: Sequence[Tensor | None], op: str
+) -> list[Tensor | None]:
+    """Sum or average gradients over ranks in one bucket (``None``: zeros, as DDP does for
+    a parameter that no loss reaches on some rank)."""
+    full = [
+        torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g  # full size
+        for p, g in zip(params, grads, strict=True)
+    ]
+    if not full:
+        return []
+    return list(comm.reduce(full, op))  # type: ignore[arg-type]
 
 
 def _scalar_backward(
@@ -341,8 +406,12 @@ def _scalar_backward(
     check: bool,
     nonfinite: NonFinitePolicy,
     retain_graph: bool,
+    comm: Communicator | None = None,
 ) -> JDOutput:
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    if comm is not None:  # one loss: the mean over ranks is DDP's step in every mode
+        grads = tuple(_reduce_grads(comm, params, grads, "avg"))
+        loss = comm.reduce([loss.detach()], "avg")[0]
     found = [g.detach() for g in grads if g is not None]
     dtype = accumulation_dtype(*(g.dtype for g in found))
     # |2^-s g|^2 (s = 0 unless the gradient is huge or tiny, see jdoptim.gramian._scale).

@@ -27,9 +27,14 @@ from ._functional import (
 )
 from .aggregation._base import Aggregator, GeneralizedWeighting, Stateful, Weighting
 from .aggregation._losses import LossAware
+from .distributed import (
+    DistributedMode,
+    check_sharded,
+    check_supported,
+    fsdp2_unsharded,
+    resolve_mode,
+)
 from .gramian import GramianEngine, resolve_engine
-from .gramian.layerwise import LayerwiseGramianEngine
-from .gramian.multitask import MultiTaskGramianEngine
 from .scalarization import Scalarizer
 
 
@@ -112,6 +117,11 @@ class JDOptimizer(torch.optim.Optimizer):
         ``backward`` makes the next :meth:`step` raise or skip.
     :param configure_compile: call :func:`jdoptim.configure_compile` (lets ``torch.compile``
         trace the autograd calls of a step).
+    :param distributed: ``"auto"`` (default: the global step when ``torch.distributed`` is
+        initialised with more than one rank, else single-process), ``"global"``, ``"local"``
+        or ``"off"``; see :mod:`jdoptim.distributed` and the distributed-training docs page.
+        Resolved on the first :meth:`backward`.
+    :param process_group: the group of the distributed step (``None``: the default group).
 
     Gradient accumulation: each :meth:`backward` computes its own Gramian and weights from its
     own losses and *adds* :math:`J_k^\top w_k` to ``.grad``; after ``K`` calls ``.grad`` holds
@@ -149,6 +159,8 @@ class JDOptimizer(torch.optim.Optimizer):
         chunk_size: int | None = None,
         nonfinite: NonFinitePolicy = "raise",
         configure_compile: bool = True,
+        distributed: DistributedMode = "auto",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -162,6 +174,14 @@ class JDOptimizer(torch.optim.Optimizer):
                 "LBFGS is not supported as the inner optimizer: it re-evaluates a closure several "
                 "times per step, while a JD step computes the update from one evaluation."
             )
+        if distributed not in ("auto", "global", "local", "off"):
+            raise ValueError(
+                "`distributed` should be one of ('auto', 'global', 'local', 'off'), but got "
+                f"{distributed!r}."
+            )
+        every = [p for g in optimizer.param_groups for p in g["params"]]
+        if distributed != "off":
+            check_supported(every, model)  # DeepSpeed, FSDP1
         # Deliberately not calling Optimizer.__init__: param_groups/state/defaults are the inner
         # optimizer's (properties below). Only the hook registries it would create are needed.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -232,6 +252,20 @@ class JDOptimizer(torch.optim.Optimizer):
             _configure_compile()
 
         self._record = _StepRecord()
+        self.distributed: DistributedMode = distributed
+        self.process_group = process_group
+        self._comm_resolved = distributed == "off"
+        self._comm = None
+        self._fsdp2 = None
+        try:
+            if self.engine is not None:  # a Scalarizer has no engine (an ordinary backward)
+                check_sharded(every, self.engine, distributed)
+                if self.engine.name == "jacobian":
+                    self._fsdp2 = fsdp2_unsharded(model, every)
+        except TypeError:
+            if not isinstance(engine, GramianEngine) and hasattr(self.engine, "remove"):
+                self.engine.remove()  # the hooks of an engine built here
+            raise
 
     # -- monitoring ------------------------------------------------------------------------------
     @property
@@ -243,6 +277,12 @@ class JDOptimizer(torch.optim.Optimizer):
     def last_gramian(self) -> Tensor | None:
         """Detached ``[M, M]`` Gramian of the last :meth:`backward`."""
         return self._record.last_gramian
+
+    @property
+    def communicator(self) -> Any:
+        """The :class:`~jdoptim.distributed.Communicator` of the distributed step (``None``:
+        single process, or not resolved yet: it is resolved on the first :meth:`backward`)."""
+        return self._comm
 
     @property
     def skipped_steps(self) -> int:
@@ -297,10 +337,24 @@ class JDOptimizer(torch.optim.Optimizer):
         the step is skipped; ``None`` for a Jacobian-only aggregator without weights). Works
         under ``torch.no_grad()`` like ``loss.backward()``: the losses carry their graph.
         """
+        if not self._comm_resolved:  # once: a single process then never looks again
+            self._comm = resolve_mode(self.distributed, self.process_group)
+            self._comm_resolved = True
         if self._scalarizer is not None:
-            if _scalarized.scalarized_backward(
-                self._scalarizer, losses, self.nonfinite, retain_graph
-            ):
+            if self._comm is not None:
+                # Checked before any backward: nothing is written when it is refused.
+                raise NotImplementedError(
+                    f"A Scalarizer ({type(self._scalarizer).__name__}) has no "
+                    f"distributed={self.distributed!r} step yet: each rank would scalarize its "
+                    "own losses and the replicas would drift. Wrap the model in "
+                    "DistributedDataParallel and pass distributed='off' (DDP then averages the "
+                    "gradients; a stateful scalarizer sees each rank's own losses)."
+                )
+            with torch.enable_grad():  # as for JD below: the losses carry their graph
+                skipped = _scalarized.scalarized_backward(
+                    self._scalarizer, losses, self.nonfinite, retain_graph
+                )
+            if skipped:
                 self._record.skip_next = True
             return None
         for module in self._loss_aware:  # GradNorm, DB-MTL: they read the losses too
@@ -317,7 +371,9 @@ class JDOptimizer(torch.optim.Optimizer):
                     other_params_grad=self.other_params_grad,
                     nonfinite=self.nonfinite,
                     retain_graph=retain_graph,
+                    comm=self._comm,
                     batch_dim=getattr(self, "batch_dim", None),
+                    engine_params=None if self._fsdp2 is None else self._unsharded(jd),
                 )
         except NotImplementedError as error:
             _explain_sparse_gradients(losses, jd, error)
@@ -330,6 +386,14 @@ class JDOptimizer(torch.optim.Optimizer):
         record.last_weights = out.weights
         record.last_gramian = out.gramian
         return out.weights
+
+    def _unsharded(self, params: list[Tensor]) -> list[Tensor]:
+        """FSDP2: the unsharded parameters the forward pass used, for the sharded ones."""
+        assert self._fsdp2 is not None
+        return [
+            self._fsdp2[id(p)].unsharded_param if id(p) in self._fsdp2 else p  # type: ignore[attr-defined]
+            for p in params
+        ]
 
     @torch.no_grad()
     def _take_step(self) -> None:
@@ -496,18 +560,17 @@ class JDOptimizer(torch.optim.Optimizer):
         As for torch optimizers, copy the model and the optimizer together
         (``copy.deepcopy((model, opt))``, one ``pickle.dumps((model, opt))``) for the copy to
         step the copied model. An engine that hooks the model's modules (layer-wise,
-        multi-task) records into itself from those hooks, which a copy of the model would
-        still call: such an optimizer refuses to be copied (build a new one on the copy).
+        multi-task) is rebuilt on the copied modules; the hooks a copied model carries from the
+        original engine are inert (they record nothing).
         In a distributed run the copy resolves its own communicator on its first backward;
         a ``process_group`` given at construction is shared by ``deepcopy`` and cannot be
         pickled (as torch's process groups).
         """
-        if isinstance(self.engine, _HOOK_ENGINES):
+        if getattr(self, "_fsdp2", None) is not None:
             raise TypeError(
-                f"A JDOptimizer with the hook-based {type(self.engine).__name__} cannot be "
-                "copied or pickled: the hooks on the model's modules belong to this engine. "
-                "Copy or pickle the model (and, for the inner optimizer's state, "
-                "`opt.state_dict()`) and build a new JDOptimizer on the copy."
+                "A JDOptimizer over FSDP2 (sharded) parameters cannot be copied or pickled: it "
+                "refers to the fully_shard modules' unsharded parameters. Save "
+                "`opt.state_dict()` and build a new JDOptimizer."
             )
         state = self.__dict__.copy()
         if self._jd_ids is not None:
@@ -539,6 +602,10 @@ class JDOptimizer(torch.optim.Optimizer):
         state = dict(state)
         if state.get("_jd_ids") is not None:
             state["_jd_ids"] = frozenset(id(p) for p in state["_jd_ids"])
+        # Objects pickled before the distributed step existed.
+        for key, default in (("distributed", "auto"), ("process_group", None), ("_comm", None),
+                             ("_comm_resolved", False), ("_fsdp2", None)):  # fmt: skip
+            state.setdefault(key, default)
         self.__dict__.update(state)
         self._patch_step_function()
 
@@ -565,9 +632,6 @@ class JDOptimizer(torch.optim.Optimizer):
             f"engine={self.engine!r}, nonfinite={self.nonfinite!r})"
         )
 
-
-# Engines whose forward hooks on the model record into the engine (see `__getstate__`).
-_HOOK_ENGINES = (LayerwiseGramianEngine, MultiTaskGramianEngine)
 
 _STATE_KEY = "jdoptim"
 # Version of the "jdoptim" entry. jdoptim 0.1.0 used another layout (version 1, see

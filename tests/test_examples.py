@@ -17,6 +17,7 @@ SCRIPTS = sorted(EXAMPLES.glob("*.py"))
 # on a 2-core CPU); `python examples/compile_train_step.py` runs it with inductor.
 OVERRIDES: dict[str, dict[str, object]] = {
     "compile_train_step": {"backend": "aot_eager", "steps": 3},
+    "distributed": {"steps": 4},  # launches torchrun with 2 gloo ranks
     "lightning_manual": {"max_epochs": 1, "n_samples": 64},
     "hf_accelerate": {"epochs": 1, "n_samples": 64},
 }

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..distributed import Communicator
 
 
 class GramianResult(ABC):
@@ -33,6 +37,10 @@ class GramianResult(ABC):
 
     #: Whether :meth:`jacobian` is available (the full ``[M, n]`` Jacobian is in memory).
     materialized: bool = False
+
+    #: For per-sample losses (objective ``b`` depends on sample ``b`` only): their batch
+    #: dimension. ``None``: the engine does not know (see :meth:`to_global`).
+    batch_dim: int | None = None
 
     gramian_exponent: Tensor | None = None
     """``None`` or an int 0-d tensor ``e``: the Gramian of the losses is
@@ -47,6 +55,25 @@ class GramianResult(ABC):
         ``weights`` is a flat ``[M]`` vector. The gradients have their parameter's shape and
         dtype.
         """
+
+    def to_global(
+        self,
+        comm: Communicator,
+        losses: Tensor,
+        batch_dim: int | None,
+        sizes: list[int] | None,
+    ) -> tuple[GramianResult, Tensor]:
+        """The result of the global distributed step, and the global (detached) losses.
+
+        ``losses`` are this rank's, in the caller's shape. ``batch_dim=None``: batch-mean
+        objectives (the mean over ranks); otherwise per-sample objectives concatenated along
+        ``batch_dim`` over ranks (``sizes``: every rank's size there; ``None``: equal). Only
+        :class:`jdoptim.distributed.Communicator` methods may communicate (see
+        :mod:`jdoptim.distributed`).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no global distributed step; use distributed='local'."
+        )
 
     def jacobian(self) -> Tensor:
         """Return the ``[M, n]`` Jacobian over the parameters some loss reaches (concatenated in

@@ -36,14 +36,15 @@ def input_node(args: tuple) -> object | None:
 
 
 def _closure(starts: list, stop: object | None = None) -> set:
-    """Nodes reached from ``starts`` through ``next_functions``, not going through ``stop`` nor
-    into ``AccumulateGrad`` nodes (leaves)."""
+    """Nodes reached from ``starts`` through ``next_functions``, not going through ``stop`` (a
+    node, or a set of nodes) nor into ``AccumulateGrad`` nodes (leaves)."""
+    stops = stop if isinstance(stop, (set, frozenset)) else {stop}
     seen = {n for n in starts if n is not None}
     todo = list(seen)
     while todo:
         node = todo.pop()
         for child, _ in node.next_functions:
-            if child is None or child is stop or child in seen or hasattr(child, "variable"):
+            if child is None or child in stops or child in seen or hasattr(child, "variable"):
                 continue
             seen.add(child)
             todo.append(child)
@@ -51,7 +52,8 @@ def _closure(starts: list, stop: object | None = None) -> set:
 
 
 def local_nodes(output: Tensor, stop: object | None) -> set:
-    """Nodes of the graph between ``output`` and the node ``stop`` (its input), exclusive."""
+    """Nodes of the graph between ``output`` and the node ``stop`` (its input; or a set of
+    nodes, its inputs), exclusive."""
     return _closure([output.grad_fn], stop)
 
 

@@ -81,10 +81,15 @@ class PerSample:
         if not self.grads:
             return None
         BK = dims.B * dims.K
-        J = torch.cat([J.reshape(BK, -1) for J in self.grads.values()], dim=1)
-        if shift is not None:
-            J = J * pow2(-shift, J.dtype)
-        return (J @ J.mT).reshape(dims.B, dims.K, dims.B, dims.K)
+        # One product per parameter, summed: no copy of all the gradients into one matrix.
+        G = None
+        for J in self.grads.values():
+            J = J.reshape(BK, -1)
+            if shift is not None:
+                J = J * pow2(-shift, J.dtype)
+            G = J @ J.mT if G is None else torch.addmm(G, J, J.mT)
+        assert G is not None
+        return G.reshape(dims.B, dims.K, dims.B, dims.K)
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
         return {i: torch.einsum("bk,bkn->n", w, J) for i, J in self.grads.items()}
@@ -576,17 +581,32 @@ def exact_call(module: nn.Module, cls: type, params: dict[str, object], hook: ob
     the engine records, unless it is marked ``_jdoptim_passive`` (the engines' own hooks that
     return nothing).
     """
-    if type(module) is not cls or module._forward_pre_hooks or _global_pre_hooks():
+    pre = [h for h in module._forward_pre_hooks.values() if not _fsdp2_hook(h)]
+    if type(module) is not cls or pre or _global_pre_hooks():
         return False
     if any(not getattr(h, "_jdoptim_passive", False) for h in _global_hooks().values()):
         return False
     for h in module._forward_hooks.values():
         if h is hook:
             break
-        if not getattr(h, "_jdoptim_passive", False):
+        if not (getattr(h, "_jdoptim_passive", False) or _fsdp2_hook(h)):
             return False
     current = module._parameters
-    return len(current) == len(params) and all(current.get(k) is v for k, v in params.items())
+    if len(current) != len(params):
+        return False
+    if any(_fsdp2_hook(h) for h in module._forward_pre_hooks.values()):
+        # FSDP2 (fully_shard) swaps in the unsharded parameters for the call: same names.
+        return all(k in current for k in params)
+    return all(current.get(k) is v for k, v in params.items())
+
+
+def _fsdp2_hook(hook: object) -> bool:
+    """A forward (pre-)hook of FSDP2's ``fully_shard``: it gathers the module's parameters
+    before the call and reshards them after it, computing nothing else (jdoptim.distributed)."""
+    owner = getattr(hook, "__self__", None)
+    if owner is None or type(owner).__name__ != "FSDPState":
+        return False
+    return type(owner).__module__.startswith("torch.distributed.fsdp")
 
 
 def _global_pre_hooks() -> dict:

@@ -20,6 +20,7 @@ while JD runs eagerly: pytorch#138422).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -28,6 +29,9 @@ from ._base import GramianEngine, GramianResult
 from ._kernels import accumulate_gram, accumulation_dtype
 from ._scale import exponent, gram_shift, pow2
 from ._vjp import chunked_batched_grad
+
+if TYPE_CHECKING:
+    from ..distributed import Communicator
 
 
 class JacobianResult(GramianResult):
@@ -90,6 +94,71 @@ class JacobianResult(GramianResult):
             out.append(flat.reshape(p.shape).to(p.dtype))
         return out
 
+    def to_global(
+        self,
+        comm: Communicator,
+        losses: Tensor,
+        batch_dim: int | None,
+        sizes: list[int] | None,
+    ) -> tuple[JacobianResult, Tensor]:
+        """Batch-mean: all-reduce (mean) every block, ``M n`` numbers. Per-sample: all-gather
+        the rows along ``batch_dim``. One bucket with the losses either way."""
+        losses = losses.detach()
+        present = [j for j in self.jacobians if j is not None]
+        if batch_dim is None:
+            reduced = comm.reduce([losses, *present], "avg")
+            glob, blocks = reduced[0], iter(reduced[1:])
+            shapes = [None if j is None else j.shape for j in self.jacobians]
+        else:
+            rows = [j.reshape(*losses.shape, -1) for j in present]
+            gathered = comm.gather([losses, *rows], [batch_dim] * (1 + len(rows)), sizes)
+            glob, blocks = gathered[0], iter(gathered[1:])
+            shapes = [None if j is None else (glob.numel(), *p.shape)
+                      for p, j in zip(self.params, self.jacobians, strict=True)]  # fmt: skip
+        jacs = [None if s is None else next(blocks).reshape(s) for s in shapes]
+        return JacobianResult(self.params, jacs, glob.numel(), losses.device), glob
+
+    def to_shards(
+        self, comm: Communicator, losses: Tensor, shards: Sequence[Tensor]
+    ) -> tuple[ShardedJacobianResult, Tensor]:
+        r"""Batch-mean objectives over dim-0 sharded parameters (FSDP2, ``shards`` the DTensor
+        parameters of ``self.params``): the per-shard Gramians add up exactly, since the
+        columns of :math:`J` split over the shards. Reduce-scatter (mean) every block so each
+        rank keeps its rows of :math:`J = \frac1R \sum_r J_r` (``m n`` numbers, of which a
+        ring sends :math:`\frac{R-1}{R}`, half an all-reduce), form the partial Gramian, and
+        all-reduce the ``[m, m]`` sum; :math:`J_{\text{shard}}^\top w` is this rank's shard of
+        the weighted gradient."""
+        R = comm.world_size
+        m = losses.numel()
+        padded: list[Tensor] = []
+        for jac in self.jacobians:
+            if jac is None:
+                raise ValueError("Every sharded parameter must be reached by the losses.")
+            rows = jac.movedim(1, 0) if jac.ndim > 1 else jac.reshape(m, 1).movedim(1, 0)
+            c = -(-rows.shape[0] // R)
+            if rows.shape[0] != R * c:
+                rows = torch.cat([rows, rows.new_zeros(R * c - rows.shape[0], *rows.shape[1:])])
+            padded.append(rows)
+        mine = comm.reduce_scatter(padded)
+        blocks: list[Tensor] = []
+        for piece, shard in zip(mine, shards, strict=True):
+            local = shard.to_local()  # type: ignore[attr-defined]
+            rows = local.shape[0] if local.ndim else 1
+            blocks.append((piece[:rows] / R).movedim(0, 1).reshape(m, -1))
+        dtype = accumulation_dtype(*(b.dtype for b in blocks))
+        device = losses.device
+        # One shift for every rank: the scaled partial Gramians must add up.
+        e = torch.stack([exponent(b) for b in blocks]).amax() if blocks else None
+        shift = gram_shift([] if e is None else [comm.max(e)], dtype, device)
+        scale = pow2(-shift, dtype)
+        partial = torch.zeros(m, m, dtype=dtype, device=device)
+        for block in blocks:
+            partial = accumulate_gram(partial, block * scale.to(block.dtype))
+        summed, glob = comm.reduce([partial, losses.detach().reshape(-1)], "sum")
+        result = ShardedJacobianResult(list(shards), blocks, summed, m)
+        result.gramian_exponent = 2 * shift
+        return result, (glob / R).reshape(losses.shape)
+
     def jacobian(self) -> Tensor:
         if not self._blocks:
             raise ValueError("No loss depends on the parameters: the Jacobian is empty.")
@@ -109,6 +178,32 @@ class JacobianResult(GramianResult):
             n = p.numel()
             out.append(vector[start : start + n].reshape(p.shape).to(p.dtype))
             start += n
+        return out
+
+
+class ShardedJacobianResult(GramianResult):
+    """The global Gramian of batch-mean losses and this rank's columns of :math:`J` (FSDP2)."""
+
+    def __init__(self, shards: list[Tensor], blocks: list[Tensor], gramian: Tensor, m: int):
+        self.shards, self.blocks, self.gramian, self.m = shards, blocks, gramian, m
+
+    def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
+        from torch.distributed.tensor import DTensor
+
+        out: list[Tensor | None] = []
+        for p, block in zip(self.shards, self.blocks, strict=True):
+            local = p.to_local()  # type: ignore[attr-defined]
+            dtype = accumulation_dtype(block.dtype, weights.dtype)
+            g = (weights.to(dtype) @ block.to(dtype)).reshape(local.shape).to(p.dtype)
+            out.append(
+                DTensor.from_local(
+                    g,
+                    p.device_mesh,
+                    p.placements,
+                    shape=p.shape,
+                    stride=p.stride(),  # type: ignore[attr-defined]
+                )
+            )
         return out
 
 

@@ -41,10 +41,12 @@ ghost cost grows as :math:`(BT)^2`.) For ``nn.Embedding`` with ``V`` rows: ghost
 batched vector-Jacobian product of the losses (``torch.autograd.grad(..., is_grads_batched=
 True)``, the per-sample gradients of those parameters only): parameters of modules of other
 types, of a covered module called on something that is not batched along ``batch_dim``, and of
-modules that are never called (e.g. ``MultiheadAttention.out_proj``, whose weight is used
-directly). A module called several times (shared / tied layers) sums its calls: positions are
-concatenated, so the cross terms between calls are exact; a parameter reached through
-different rules (an embedding tied to a linear head) is materialised.
+modules that are never called. ``nn.MultiheadAttention`` (its ``out_proj`` included) and
+``nn.RNN``/``GRU``/``LSTM`` have module rules (:mod:`jdoptim.gramian._modules`): one batched
+recomputation of the module exposes its linear maps. A module called several times (shared /
+tied layers) sums its calls: positions are concatenated, so the cross terms between calls are
+exact; a parameter reached through different rules (an embedding tied to a linear head) is
+materialised.
 
 A rule covers a module only when it differentiates exactly the module's parameters
 (:func:`~jdoptim.gramian._layers.rule_for`, checked again at every call by
@@ -66,14 +68,16 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._base import GramianEngine, GramianResult
+from ._global import gather_batch
 from ._graph import graph_visible, input_node, used_outside
+from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
 from ._layers import (
     GENERIC,
@@ -87,7 +91,11 @@ from ._layers import (
     mixes_samples,
     rule_for,
 )
+from ._modules import ModuleRule, Saved, module_rule_for
 from ._scale import gram_shift
+
+if TYPE_CHECKING:
+    from ..distributed import Communicator
 
 Strategy = Literal["auto", "ghost", "materialize"]
 _STRATEGIES = ("auto", "ghost", "materialize")
@@ -111,6 +119,13 @@ class _Record:
     ) -> None:
         self.info, self.saved, self.output, self.version = info, saved, output, version
         self.stop = stop  # the grad_fn of the call's input (eager only, see _graph)
+
+
+class _ModuleRecord:
+    """One call of a module handled by a module rule (several inputs and outputs)."""
+
+    def __init__(self, info: _Info, saved: Saved, versions: list[int], stops: set) -> None:
+        self.info, self.saved, self.versions, self.stops = info, saved, versions, stops
 
 
 class _Inexact:
@@ -140,6 +155,37 @@ class LayerwiseResult(GramianResult):
         self._dims = dims
         self._losses_shape = losses_shape
         self._dtype = dtype
+        self.batch_dim = dims.loss_dim
+
+    def to_global(
+        self,
+        comm: Communicator,
+        losses: Tensor,
+        batch_dim: int | None,
+        sizes: list[int] | None,
+    ) -> tuple[LayerwiseResult, Tensor]:
+        """Per-sample objectives of the concatenated batch: all-gather every factor along its
+        sample dimension (``B (T d + K T p)`` numbers per ``nn.Linear``), then the global
+        Gramian and, later, the weighted gradient from the gathered factors (no gradient is
+        all-reduced). ``losses`` have this result's shape (``sizes``: every rank's size along
+        their batch dimension)."""
+        dims = self._dims
+        ld = dims.loss_dim
+        losses = losses.detach()
+        if tuple(losses.shape) != self._losses_shape:
+            raise ValueError(
+                f"Losses of shape {tuple(losses.shape)}; this result's are {self._losses_shape}."
+            )
+        factors, gdims, glob = gather_batch(self._factors, dims, comm, sizes, (losses, ld))
+        assert glob is not None
+        G, shift = scaled_gram(factors, gdims, self._dtype, self.gramian.device)
+        gramian = LayerwiseGramianEngine._to_losses_order(G, glob.shape, gdims)
+        result = LayerwiseResult(
+            gramian.detach(), self.params, self._slots, factors, gdims, tuple(glob.shape),
+            self._dtype,
+        )  # fmt: skip
+        result.gramian_exponent = 2 * shift
+        return result, glob
 
     def _internal_weights(self, weights: Tensor) -> Tensor:
         dims = self._dims
@@ -255,12 +301,14 @@ class LayerwiseGramianEngine(GramianEngine):
         self.batch_dim = batch_dim
         self.strategy = strategy
         self.clone_outputs = clone_outputs
+        self._roots = modules
         self._params: list[nn.Parameter] = []
         self._index: dict[int, int] = {}
         self._infos: list[_Info] = []
         self._handles: list[RemovableHandle] = []
         self._records: list[_Record | _Inexact | _Info] = []
         self._generic: set[int] = set()  # engine indices of parameters only the fallback covers
+        self._eager_calls = False  # a hook ran eagerly since the last compute
         # Engine indices of parameters used outside their module's calls at the last eager
         # compute (see _graph), also applied under torch.compile.
         self._outside: frozenset[int] = frozenset()
@@ -278,6 +326,10 @@ class LayerwiseGramianEngine(GramianEngine):
     # ------------------------------------------------------------------------------ hooking
 
     def _hook(self, name: str, module: nn.Module) -> None:
+        claimed = module_rule_for(module)
+        if claimed is not None:
+            self._hook_module(name, module, *claimed)
+            return
         direct = list(module.named_parameters(recurse=False))
         pidx: dict[str, int] = {}
         for pname, p in direct:
@@ -299,31 +351,84 @@ class LayerwiseGramianEngine(GramianEngine):
         info.hook = hook
         self._handles.append(module.register_forward_hook(hook))
 
-    def _make_hook(self, info: _Info):
-        engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
-
-        def hook(module: nn.Module, args: tuple, output: object) -> object:
-            engine = engine_ref()
-            if engine is None or not torch.is_grad_enabled():
-                return None
-            if mixes_samples(module):
-                engine._records.append(info)
-                return None
-            if info.rule is GENERIC or not isinstance(output, Tensor):
-                return None
-            if not output.requires_grad:
-                return None
-            if not exact_call(module, info.cls, info.params, info.hook):
-                engine._records.append(_Inexact(info))
-                return None
-            saved = info.rule.save(module, args, output)
-            version = -1 if torch.compiler.is_compiling() else output._version
-            engine._records.append(_Record(info, saved, output, version, input_node(args)))
-            return output.clone() if engine.clone_outputs else None
-
+    def _make_hook(self, info: _Info) -> EngineHook:
         # Returns nothing (the output is unchanged) unless it clones the outputs.
-        hook._jdoptim_passive = not self.clone_outputs  # type: ignore[attr-defined]
-        return hook
+        return EngineHook(self, LayerwiseGramianEngine._record_call, info,
+                          passive=not self.clone_outputs)  # fmt: skip
+
+    def _record_call(self, info: _Info, module: nn.Module, args: tuple, output: object) -> object:
+        """The forward hook of a layer claimed by a layer rule (see :meth:`_make_hook`)."""
+        if not torch.is_grad_enabled():
+            return None
+        self._note_eager()
+        if mixes_samples(module):
+            self._records.append(info)
+            return None
+        if info.rule is GENERIC or not isinstance(output, Tensor):
+            return None
+        if not output.requires_grad:
+            return None
+        if not exact_call(module, info.cls, info.params, info.hook):
+            self._records.append(_Inexact(info))
+            return None
+        saved = info.rule.save(module, args, output)
+        version = -1 if torch.compiler.is_compiling() else output._version
+        self._records.append(_Record(info, saved, output, version, input_node(args)))
+        return output.clone() if self.clone_outputs else None
+
+    def _hook_module(
+        self, name: str, module: nn.Module, rule: ModuleRule, names: list[str]
+    ) -> None:
+        """Hook a module that a module rule claims (its parameters ``names``)."""
+        pidx: dict[str, int] = {}
+        claimed: dict[str, Tensor] = {}
+        for pname in names:
+            p = module.get_parameter(pname)
+            if id(p) not in self._index:
+                self._index[id(p)] = len(self._params)
+                self._params.append(p)
+            pidx[pname] = self._index[id(p)]
+            claimed[pname] = p
+        info = _Info(name, module, rule, pidx)  # type: ignore[arg-type]
+        self._infos.append(info)
+
+        hook = EngineHook(self, LayerwiseGramianEngine._record_module_call, info, rule, claimed)
+        info.hook = hook
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def _record_module_call(
+        self,
+        info: _Info,
+        rule: ModuleRule,
+        claimed: dict[str, Tensor],
+        module: nn.Module,
+        args: tuple,
+        kwargs: dict,
+        output: object,
+    ) -> None:
+        """The forward hook of a module claimed by a module rule (see :meth:`_hook_module`)."""
+        if not torch.is_grad_enabled():
+            return None
+        self._note_eager()
+        same = all(module.get_parameter(n) is p for n, p in claimed.items())
+        saved = None
+        if same and exact_call(module, info.cls, info.params, info.hook):
+            saved = rule.save(module, args, kwargs, output)
+        if saved is None:
+            self._records.append(_Inexact(info))
+            return None
+        if not any(o.requires_grad for o in saved.outputs):
+            return None
+        eager = not torch.compiler.is_compiling()
+        versions = [t._version for t in (*saved.outputs, *saved.inputs)] if eager else []
+        stops = {t.grad_fn for t in saved.inputs if eager and t.grad_fn is not None}
+        self._records.append(_ModuleRecord(info, saved, versions, stops))
+        return None
+
+    def _note_eager(self) -> None:
+        """Remember that a hook ran outside ``torch.compile`` (see :meth:`compute`)."""
+        if not torch.compiler.is_compiling():
+            self._eager_calls = True
 
     def remove(self) -> None:
         """Remove the hooks and drop whatever they stored (also done when the engine is garbage
@@ -331,14 +436,28 @@ class LayerwiseGramianEngine(GramianEngine):
         remove_handles(self._handles)
         self.reset()
 
+    def __reduce__(self) -> tuple:
+        """``copy.deepcopy`` and ``pickle``: a new engine on the (copied) modules, hooked anew
+        (what a copied model carries of this engine's hooks is inert, see ``_hooks``)."""
+        kwargs = {"batch_dim": self.batch_dim, "strategy": self.strategy,
+                  "clone_outputs": self.clone_outputs}  # fmt: skip
+        return (rebuild_engine, (type(self), self._roots, kwargs))
+
     def reset(self) -> None:
         """Drop the inputs/outputs stored since the last :meth:`compute` (e.g. after a forward
         pass that is not followed by one)."""
         self._records = []
+        self._eager_calls = False
 
     # ------------------------------------------------------------------------------ compute
 
-    def _dims(self, losses: Tensor, records: list[_Record], loss_dim: int | None) -> Dims:
+    def _dims(
+        self,
+        losses: Tensor,
+        records: list[_Record],
+        loss_dim: int | None,
+        sizes: tuple[int, ...] = (),
+    ) -> Dims:
         """``B`` and ``K`` of ``losses``; raises when their dimension ``loss_dim`` cannot be the
         batch (missing, or of a size that no hooked layer saw along ``self.batch_dim``)."""
         bd = self.batch_dim if loss_dim is None else loss_dim
@@ -357,8 +476,9 @@ class LayerwiseGramianEngine(GramianEngine):
             )
             raise ValueError(f"`losses` of shape {shape} has no batch dimension {bd}.{hint}")
         B = losses.shape[bd]
-        seen = sorted({r.output.shape[layer_dim] for r in records if r.output.ndim > layer_dim})
-        if records and B not in seen:
+        seen = {r.output.shape[layer_dim] for r in records if r.output.ndim > layer_dim}
+        seen = sorted(seen | set(sizes))
+        if (records or sizes) and B not in seen:
             raise ValueError(
                 f"Dimension {bd} (`batch_dim`) of the losses, of shape {shape}, has size {B}, "
                 f"but the hooked layers saw batches of size {seen} along dimension {layer_dim}: "
@@ -372,16 +492,20 @@ class LayerwiseGramianEngine(GramianEngine):
         return Dims(B=B, K=losses.numel() // B, batch_dim=layer_dim, loss_dim=bd)
 
     def _output_grads(
-        self, losses: Tensor, outputs: list[Tensor], dims: Dims
+        self, losses: Tensor, outputs: list[Tensor], dims: Dims, bdims: list[int]
     ) -> list[Tensor | None]:
         """:math:`\\partial L_{\\cdot k} / \\partial y` for every stored output, as
-        ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when ``K > 1``)."""
+        ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when ``K > 1``);
+        ``bdims`` holds each output's batch dimension."""
         if not outputs:
             return []
-        bd, ld = dims.batch_dim, dims.loss_dim
+        ld = dims.loss_dim
         if dims.K == 1:
             grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
-            return [None if g is None else g.movedim(bd, 0).unsqueeze(1) for g in grads]
+            return [
+                None if g is None else g.movedim(bd, 0).unsqueeze(1)
+                for g, bd in zip(grads, bdims, strict=True)
+            ]
         moved = losses.movedim(ld, 0)
         eye = torch.eye(dims.K, dtype=losses.dtype, device=losses.device)
         E = eye[:, None, :].expand(dims.K, dims.B, dims.K).reshape(dims.K, *moved.shape)
@@ -394,7 +518,9 @@ class LayerwiseGramianEngine(GramianEngine):
             allow_unused=True,
             is_grads_batched=True,
         )
-        return [None if g is None else g.movedim(bd + 1, 0) for g in grads]
+        return [
+            None if g is None else g.movedim(bd + 1, 0) for g, bd in zip(grads, bdims, strict=True)
+        ]
 
     def _fallback(
         self, losses: Tensor, params: list[Tensor], dims: Dims, retain_graph: bool
@@ -433,7 +559,19 @@ class LayerwiseGramianEngine(GramianEngine):
         ``batch_dim`` is the batch dimension of ``losses`` when it differs from the model's
         (the engine's ``batch_dim``), e.g. ``1`` for ``[K, B]`` losses of a batch-first model.
         """
-        records, self._records = self._records, []
+        if torch.compiler.is_compiling() and self._eager_calls:
+            # Some calls ran eagerly (a graph break inside the forward, e.g. an nn.GRU, which
+            # Dynamo does not trace unless torch._dynamo.config.allow_rnn): their outputs are
+            # outside the graph being traced, whose autograd.grad cannot reach them. Compute
+            # eagerly instead (exact; only the JD part leaves the graph).
+            return self._compute_eagerly(
+                losses, params, retain_graph=retain_graph, batch_dim=batch_dim
+            )
+        self._eager_calls = False
+        # Empty the list in place: under torch.compile a new list would leave the old one, with
+        # the tensors of this step, to be rebuilt as graph outputs.
+        records = list(self._records)
+        self._records.clear()
         mixing = sorted({r.name for r in records if isinstance(r, _Info)})
         inexact = [r.info for r in records if isinstance(r, _Inexact)]
         if mixing:
@@ -444,7 +582,8 @@ class LayerwiseGramianEngine(GramianEngine):
                 "or the Jacobian engine)."
             )
         calls: list[_Record] = [r for r in records if isinstance(r, _Record)]
-        dims = self._dims(losses, calls, batch_dim)
+        mcalls: list[_ModuleRecord] = [r for r in records if isinstance(r, _ModuleRecord)]
+        dims = self._dims(losses, calls, batch_dim, tuple(r.saved.batch for r in mcalls))
         params = list(params)
         slots = [self._index.get(id(p)) for p in params]
         wanted = {s for s in slots if s is not None}
@@ -471,7 +610,26 @@ class LayerwiseGramianEngine(GramianEngine):
                     "forward pass (e.g. by ReLU(inplace=True)); use inplace=False or "
                     "LayerwiseGramianEngine(..., clone_outputs=True)."
                 )
-        covered = {i for r in valid for i in r.info.pidx.values()} - invalid
+        mvalid: list[_ModuleRecord] = []
+        for r in mcalls:
+            sv = r.saved
+            ok = sv.batch == dims.B and all(
+                o.ndim > bd and o.shape[bd] == dims.B
+                for o, bd in zip(sv.outputs, sv.out_dims, strict=True)
+            )
+            if ok:
+                mvalid.append(r)
+            else:
+                invalid.update(r.info.pidx.values())
+            tensors = (*sv.outputs, *sv.inputs)
+            if not torch.compiler.is_compiling() and any(
+                t._version != v for t, v in zip(tensors, r.versions, strict=True)
+            ):
+                raise ValueError(
+                    f"An input or output of module {r.info.name!r} was modified in place after "
+                    "its forward pass; the engine needs them as they were."
+                )
+        covered = {i for r in [*valid, *mvalid] for i in r.info.pidx.values()} - invalid
         covered &= wanted
         if covered and graph_visible():
             # Claimed parameters that the losses also use outside the recorded calls; the
@@ -480,6 +638,9 @@ class LayerwiseGramianEngine(GramianEngine):
                 (r.output, r.stop, [self._params[i] for i in r.info.pidx.values() if i in covered])
                 for r in valid
             ]
+            for r in mvalid:
+                ps = [self._params[i] for i in r.info.pidx.values() if i in covered]
+                uses += [(o, r.stops, ps) for o in r.saved.outputs]
             outside = used_outside([losses], uses)
             self._outside = frozenset(i for i in covered if id(self._params[i]) in outside)
         covered -= self._outside
@@ -488,14 +649,28 @@ class LayerwiseGramianEngine(GramianEngine):
             return i in covered
 
         valid = [r for r in valid if any(want(i) for i in r.info.pidx.values())]
-        deltas = self._output_grads(losses, [r.output for r in valid], dims)
-        dtype = accumulation_dtype(losses.dtype, *(r.output.dtype for r in valid))
+        mvalid = [r for r in mvalid if any(want(i) for i in r.info.pidx.values())]
+        outs = [r.output for r in valid]
+        bdims = [dims.batch_dim] * len(valid)
+        for r in mvalid:
+            outs += r.saved.outputs
+            bdims += r.saved.out_dims
+        deltas = self._output_grads(losses, outs, dims, bdims)
+        dtype = accumulation_dtype(losses.dtype, *(o.dtype for o in outs))
 
         factors: list[Factor] = []
-        for r, D in zip(valid, deltas, strict=True):
+        for r, D in zip(valid, deltas, strict=False):
             if D is not None:
                 D = D.to(dtype)
                 factors += r.info.rule.factors(r.info.module, r.info.pidx, r.saved, D, dims, want)
+        pos = len(valid)
+        for r in mvalid:
+            n = len(r.saved.outputs)
+            Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
+            pos += n
+            if any(D is not None for D in Ds):
+                rule: ModuleRule = r.info.rule  # type: ignore[assignment]
+                factors += rule.factors(r.info.module, r.info.pidx, r.saved, Ds, dims, want)
 
         # Exact fallback for the wanted parameters that no rule covers.
         fb_pos = [k for k, s in enumerate(slots) if s is None or s not in covered]
@@ -519,6 +694,17 @@ class LayerwiseGramianEngine(GramianEngine):
         )
         result.gramian_exponent = 2 * shift
         return result
+
+    @torch.compiler.disable
+    def _compute_eagerly(
+        self,
+        losses: Tensor,
+        params: Sequence[Tensor],
+        *,
+        retain_graph: bool = False,
+        batch_dim: int | None = None,
+    ) -> LayerwiseResult:
+        return self.compute(losses, params, retain_graph=retain_graph, batch_dim=batch_dim)
 
     def _prepare(self, factors: list[Factor], pool: PerSample) -> list[Factor]:
         return prepare_factors(factors, pool, self.strategy)
@@ -609,3 +795,8 @@ def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) 
 __all__ = ["LayerwiseGramianEngine", "LayerwiseResult"]
 
 _ = (EmbeddingFactor, LinearFactor)  # re-exported types for documentation
+
+
+def rebuild_engine(cls: type, args: tuple, kwargs: dict) -> GramianEngine:
+    """Build an engine anew from its constructor's arguments (the engines' ``__reduce__``)."""
+    return cls(*args, **kwargs)

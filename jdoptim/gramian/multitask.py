@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -64,12 +65,17 @@ from torch.utils.hooks import RemovableHandle
 
 from ..aggregation._checks import should_check_values
 from ._base import GramianEngine, GramianResult
+from ._global import reduce_mean
 from ._graph import graph_visible, input_node, leaf_users, local_nodes, outside_of, reachable
+from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
 from ._layers import Dims, Factor, LinearRule, PerSample, exact_call, rule_for
 from ._scale import gram_shift, pow2
 from ._vjp import chunked_batched_grad
-from .layerwise import Strategy, prepare_factors, remove_handles
+from .layerwise import Strategy, prepare_factors, rebuild_engine, remove_handles
+
+if TYPE_CHECKING:
+    from ..distributed import Communicator
 
 _STRATEGIES = ("auto", "ghost", "materialize")
 
@@ -112,6 +118,33 @@ class MultiTaskResult(GramianResult):
         self._head_grads = head_grads
         self._m = m
         self._dtype = dtype
+
+    def to_global(
+        self,
+        comm: Communicator,
+        losses: Tensor,
+        batch_dim: int | None,
+        sizes: list[int] | None,
+    ) -> tuple[MultiTaskResult, Tensor]:
+        r"""Batch-mean task losses: :math:`J = \frac1R \sum_r J_r`. Each trunk ``nn.Linear``
+        all-gathers its positions (``T (d + m p)`` numbers) or all-reduces its ``[m, p (d+1)]``
+        per-task gradient, whichever sends fewer bytes; head gradients and other materialised
+        gradients are averaged (all-reduce)."""
+        if batch_dim is not None:
+            raise ValueError(
+                "The multi-task engine's losses are one batch-mean loss per task: do not pass "
+                "batch_dim."
+            )
+        m = self._m
+        keys = list(self._head_grads)
+        extra = [losses.detach(), *(self._head_grads[i][1] for i in keys)]
+        factors, reduced = reduce_mean(self._factors, extra, Dims(B=1, K=m, batch_dim=0), comm)
+        head_grads = {
+            i: (self._head_grads[i][0], g) for i, g in zip(keys, reduced[1:], strict=True)
+        }
+        device = self.gramian.device
+        result = _assemble(factors, self.params, head_grads, m, self._dtype, device)
+        return result, reduced[0]
 
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
         r"""Return :math:`\sum_k w_k \nabla_{\theta_p} L_k` for each parameter (``None`` where no
@@ -201,6 +234,7 @@ class MultiTaskGramianEngine(GramianEngine):
         self.strategy = strategy
         self.chunk_size = chunk_size
         self.n_tasks = len(heads)
+        self._trunks = trunks
         self._heads = heads
         self._head_of: dict[int, int] = {}
         for k, head in enumerate(heads):
@@ -243,58 +277,58 @@ class MultiTaskGramianEngine(GramianEngine):
 
     # ------------------------------------------------------------------------------ hooks
 
-    def _make_pre_hook(self, k: int):
-        engine_ref = weakref.ref(self)  # not `self`: the model must not keep the engine alive
+    def _make_pre_hook(self, k: int) -> EngineHook:
+        return EngineHook(self, MultiTaskGramianEngine._head_pre_hook, k, passive=False)
 
-        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-            engine = engine_ref()
-            if engine is None or not torch.is_grad_enabled():
-                return None
-            if not args or not isinstance(args[0], Tensor):
-                return None
-            source = args[0]
-            if not source.requires_grad:
-                return None
-            alias = source.view_as(source)
-            engine._head_calls[k].append(_HeadCall(source, alias))
-            return (alias, *args[1:])
+    def _make_head_hook(self, k: int) -> EngineHook:
+        return EngineHook(self, MultiTaskGramianEngine._head_hook, k)
 
-        return pre_hook
-
-    def _make_head_hook(self, k: int):
-        engine_ref = weakref.ref(self)
-
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            engine = engine_ref()
-            if engine is None:
-                return
-            calls = engine._head_calls[k]
-            if calls and calls[-1].output is None and isinstance(output, Tensor):
-                calls[-1].output = output
-
+    def _make_trunk_hook(self, cls: type, params: dict[str, object]) -> EngineHook:
+        hook = EngineHook(self, MultiTaskGramianEngine._trunk_hook, cls, params)
+        hook.bound = (cls, params, hook)  # exact_call looks the hook itself up
         return hook
 
-    def _make_trunk_hook(self, cls: type, params: dict[str, object]):
-        engine_ref = weakref.ref(self)
+    def _head_pre_hook(self, k: int, module: nn.Module, args: tuple) -> tuple | None:
+        """Give head ``k`` its own alias of the features, so the heads' gradients stay apart."""
+        if not torch.is_grad_enabled():
+            return None
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        source = args[0]
+        if not source.requires_grad:
+            return None
+        alias = source.view_as(source)
+        self._head_calls[k].append(_HeadCall(source, alias))
+        return (alias, *args[1:])
 
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            engine = engine_ref()
-            if engine is None or not torch.is_grad_enabled() or not isinstance(output, Tensor):
-                return
-            if not output.requires_grad or not args or not isinstance(args[0], Tensor):
-                return
-            exact = exact_call(module, cls, params, hook)
-            call = _TrunkCall(module, args[0].detach(), output, input_node(args), exact)
-            engine._trunk_calls.append(call)
+    def _head_hook(self, k: int, module: nn.Module, args: tuple, output: object) -> None:
+        calls = self._head_calls[k]
+        if calls and calls[-1].output is None and isinstance(output, Tensor):
+            calls[-1].output = output
 
-        hook._jdoptim_passive = True  # type: ignore[attr-defined]
-        return hook
+    def _trunk_hook(
+        self, cls: type, params: dict[str, object], hook: EngineHook,
+        module: nn.Module, args: tuple, output: object,
+    ) -> None:  # fmt: skip
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        if not output.requires_grad or not args or not isinstance(args[0], Tensor):
+            return
+        exact = exact_call(module, cls, params, hook)
+        call = _TrunkCall(module, args[0].detach(), output, input_node(args), exact)
+        self._trunk_calls.append(call)
 
     def remove(self) -> None:
         """Remove the hooks and drop whatever they stored (also done when the engine is garbage
         collected)."""
         remove_handles(self._handles)
         self.reset()
+
+    def __reduce__(self) -> tuple:
+        """``copy.deepcopy`` and ``pickle``: a new engine on the (copied) trunk and heads,
+        hooked anew (what a copied model carries of this engine's hooks is inert)."""
+        kwargs = {"strategy": self.strategy, "chunk_size": self.chunk_size}
+        return (rebuild_engine, (type(self), (self._trunks, self._heads), kwargs))
 
     def reset(self) -> None:
         """Drop the calls stored since the last :meth:`compute`."""
@@ -398,26 +432,7 @@ class MultiTaskGramianEngine(GramianEngine):
             roots, members, deltas, trunk_calls, trunk_params, index, users, pool, dtype, keep
         )
         prepared = prepare_factors(factors, pool, self.strategy)
-        dims = Dims(B=1, K=m, batch_dim=0)
-        # The Gramian of the gradients scaled by 2^-shift (shift = 0 unless they are huge or
-        # tiny): it cannot overflow. The head blocks count in the shift too.
-        heads_only = PerSample({i: g.reshape(1, 1, -1) for i, (_, g) in head_grads.items()})
-        bounds = [e for e in (f.exponent() for f in [*prepared, heads_only]) if e is not None]
-        shift = gram_shift(bounds, dtype, losses.device)
-        gramian = torch.zeros(m, m, dtype=dtype, device=losses.device)
-        for f in prepared:
-            g = f.gram(dims, shift)
-            if g is not None:
-                gramian = gramian + g.reshape(m, m)
-        if head_grads:
-            scale = pow2(-shift, dtype)
-            sq = torch.zeros(m, dtype=dtype, device=losses.device)
-            for k, g in head_grads.values():
-                sq = sq + eye[k].to(dtype) * (g.to(dtype) * scale).pow(2).sum()
-            gramian = gramian + torch.diag(sq)
-        result = MultiTaskResult(gramian.detach(), params, prepared, head_grads, m, dtype)
-        result.gramian_exponent = 2 * shift
-        return result
+        return _assemble(prepared, params, head_grads, m, dtype, losses.device)
 
     def _escaped(
         self,
@@ -553,6 +568,38 @@ def _roots(
             roots.append(h.source)
             members.append([k])
     return roots, members
+
+
+def _assemble(
+    prepared: list[Factor],
+    params: list[Tensor],
+    head_grads: dict[int, tuple[int, Tensor]],
+    m: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> MultiTaskResult:
+    """The result from the trunk's factors and the head gradients: the Gramian of the
+    gradients scaled by ``2**-shift`` (``shift = 0`` unless they are huge or tiny: it cannot
+    overflow; the head blocks count in the shift too)."""
+    dims = Dims(B=1, K=m, batch_dim=0)
+    heads_only = PerSample({i: g.reshape(1, 1, -1) for i, (_, g) in head_grads.items()})
+    bounds = [e for e in (f.exponent() for f in [*prepared, heads_only]) if e is not None]
+    shift = gram_shift(bounds, dtype, device)
+    gramian = torch.zeros(m, m, dtype=dtype, device=device)
+    for f in prepared:
+        g = f.gram(dims, shift)
+        if g is not None:
+            gramian = gramian + g.reshape(m, m)
+    if head_grads:
+        scale = pow2(-shift, dtype)
+        eye = torch.eye(m, dtype=dtype, device=device)
+        sq = torch.zeros(m, dtype=dtype, device=device)
+        for k, g in head_grads.values():
+            sq = sq + eye[k] * (g.to(dtype) * scale).pow(2).sum()
+        gramian = gramian + torch.diag(sq)
+    result = MultiTaskResult(gramian.detach(), params, prepared, head_grads, m, dtype)
+    result.gramian_exponent = 2 * shift
+    return result
 
 
 __all__ = ["MultiTaskGramianEngine", "MultiTaskResult"]

@@ -126,7 +126,7 @@ def test_shared_and_tied_layers(strategy: str) -> None:
 
 class Custom(nn.Module):
     """Parameters no rule covers: a raw parameter, an uncalled sub-module used by parameter, a
-    Linear applied to a tensor shared by all samples, and MultiheadAttention."""
+    Linear applied to a tensor shared by all samples; and MultiheadAttention (its module rule)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,7 +147,7 @@ class Custom(nn.Module):
 def test_fallback_is_exact() -> None:
     torch.manual_seed(2)
     report = assert_exact(Custom(), (torch.randn(3, 5, 4),), mse, "auto")
-    assert report["mha"] == "generic"
+    assert report["mha"] == "attention"
 
 
 def test_batch_dim_1() -> None:

@@ -210,3 +210,20 @@ def test_distinct_parameters_do_not_warn() -> None:
             MeanWeighting(),
             params=[model.weight],
         )
+
+
+@pytest.mark.parametrize("make", ["Mean", "GeometricMean"])
+def test_scalarizer_step_works_under_no_grad(make: str) -> None:
+    from jdoptim import scalarization
+
+    grads = []
+    for no_grad in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        scalarizer = getattr(scalarization, make)()
+        opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), scalarizer)
+        losses = model(torch.randn(4, 3)).pow(2).mean(0)
+        with torch.no_grad() if no_grad else torch.enable_grad():
+            opt.step(losses)
+        grads.append(model.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])

@@ -367,18 +367,69 @@ def test_deepcopy_of_the_optimizer_alone_steps_its_own_parameters():
     assert twin.state_dict()["jdoptim"]["weighting"]["calls"] == 2
 
 
-def test_copying_with_a_hook_based_engine_is_refused_clearly():
+def _hooked(engine: str):
+    """A model, a JDOptimizer whose engine hooks it, and the model's losses."""
+    torch.manual_seed(0)
     trunk, heads = nn.Linear(4, 6), nn.ModuleList([nn.Linear(6, 1) for _ in range(2)])
-    params = [*trunk.parameters(), *heads.parameters()]
-    opt = JDOptimizer(
-        torch.optim.SGD(params, lr=0.1),
-        InverseNormWeighting(),
-        engine=MultiTaskGramianEngine(trunk, heads),
-    )
-    with pytest.raises(TypeError, match="build a new JDOptimizer"):
-        copy.deepcopy(opt)
-    with pytest.raises(TypeError, match="hook-based"):
-        pickle.dumps(opt)
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    x = torch.randn(5, 4, dtype=torch.float64)
+    model.double()
+
+    def losses(model):
+        h = torch.tanh(model["trunk"](x))
+        out = torch.cat([head(h) for head in model["heads"]], dim=1)
+        return (out - 1.0) ** 2 if engine == "layerwise" else ((out - 1.0) ** 2).mean(0)
+
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if engine == "layerwise":
+        opt = JDOptimizer(inner, InverseNormWeighting(), model=model, batch_dim=0)
+    else:
+        multitask = MultiTaskGramianEngine(model["trunk"], model["heads"])
+        opt = JDOptimizer(inner, InverseNormWeighting(), engine=multitask)
+    return model, opt, losses
+
+
+def _records(engine) -> int:
+    """What the engine's hooks stored since its last compute (layer-wise or multi-task)."""
+    return len(getattr(engine, "_records", [])) + len(getattr(engine, "_trunk_calls", []))
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, _pickle_round_trip], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("engine", ["layerwise", "multitask"])
+def test_a_copy_with_a_hook_based_engine_steps_its_own_model(engine, copier):
+    model, opt, losses = _hooked(engine)
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(losses(model))
+    copy_model, copy_opt = copier((model, opt))
+    assert copy_opt.engine is not opt.engine
+    # The copied model's forward passes record into the copy's engine, never the original's.
+    losses(copy_model)
+    assert _records(opt.engine) == 0 and _records(copy_opt.engine) > 0
+    copy_opt.engine.reset()
+    for _ in range(3):  # original and copy, trained alike, stay bit-identical
+        for m, o in ((model, opt), (copy_model, copy_opt)):
+            o.zero_grad()
+            o.step(losses(m))
+    assert_same_params(model, copy_model)
+    assert all(p.grad is not None for p in copy_model.parameters())
+
+
+@pytest.mark.parametrize("engine", ["layerwise", "multitask"])
+def test_a_hooked_model_can_be_saved_and_copied_alone(engine):
+    """torch.save(model) and an EMA-style deepcopy(model) of a model an engine hooks: the copy
+    carries inert hooks (they record nothing into the original engine)."""
+    model, opt, losses = _hooked(engine)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ema = copy.deepcopy(model)
+    losses(loaded), losses(ema)
+    assert _records(opt.engine) == 0
+    opt.zero_grad()
+    opt.step(losses(model))  # the original still trains
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("copier", [copy.deepcopy, _pickle_round_trip], ids=["deepcopy", "pickle"])
