@@ -266,5 +266,6 @@ def test_regression_fixed_budget_mprgp_was_silently_inexact() -> None:
     G = J @ J.T
     U = torch.eye(20, dtype=F64) / 20
     ref = project_weights(U, G, solver="quadprog").sum(0)
-    assert _rel_err(project_weights(U, G, solver="mprgp").sum(0), ref) > 1e-5
+    # The fixed budget's 1e-4 error shows on AVX-512 MKL, not under MKL_CBWR=COMPATIBLE (float
+    # order decides where it stops): no assertion on it, only on the exact solver.
     assert _rel_err(project_weights(U, G).sum(0), ref) <= 1e-12
