@@ -118,7 +118,11 @@ def extended_pair(gramian: Tensor, inverse: Tensor) -> Tensor:
 
 
 def _face_solve(
-    gramian: Tensor, inverse: Tensor, lower: Tensor, active: Tensor, size: int,
+    gramian: Tensor,
+    inverse: Tensor,
+    lower: Tensor,
+    active: Tensor,
+    size: int,
     pair: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Minimiser ``v`` and multipliers ``lambda`` of every row on its face ``{v_A = u_A}``,

@@ -287,9 +287,7 @@ def test_bucketed_face_solve_equals_one_padded_batch(monkeypatch: pytest.MonkeyP
     pair = active_set.extended_pair(G, inverse)
     calls = []
     face_solve = active_set._face_solve
-    monkeypatch.setattr(
-        active_set, "_face_solve", lambda *a: calls.append(a[4]) or face_solve(*a)
-    )
+    monkeypatch.setattr(active_set, "_face_solve", lambda *a: calls.append(a[4]) or face_solve(*a))
     v, lam = active_set._bucketed_face_solve(G, inverse, lower, active, sizes, pair)
     assert sorted(calls) == [2, 46]
     v_ref, lam_ref = face_solve(G, inverse, lower, active, int(sizes.max()), pair)
