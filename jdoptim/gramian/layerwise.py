@@ -92,6 +92,7 @@ from ._layers import (
     rule_for,
 )
 from ._modules import ModuleRule, Saved, module_rule_for
+from ._permodule import VmapRule, host_readable
 from ._scale import gram_shift
 
 if TYPE_CHECKING:
@@ -291,6 +292,7 @@ class LayerwiseGramianEngine(GramianEngine):
         batch_dim: int = 0,
         strategy: Strategy = "auto",
         clone_outputs: bool = False,
+        chunk_size: int | None = None,
     ) -> None:
         if not modules:
             raise ValueError("LayerwiseGramianEngine needs at least one module to hook.")
@@ -298,6 +300,16 @@ class LayerwiseGramianEngine(GramianEngine):
             raise ValueError(f"`batch_dim` should be a non-negative int, but got {batch_dim!r}.")
         if strategy not in _STRATEGIES:
             raise ValueError(f"`strategy` should be one of {_STRATEGIES}, but got {strategy!r}.")
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
+            raise ValueError(f"`chunk_size` should be None or a positive int, got {chunk_size!r}.")
+        self.chunk_size = chunk_size
+        self._vmap_rule = VmapRule(batch_dim, chunk_size)
+        # Modules the generic per-module rule gave up on (name -> reason), kept for later steps.
+        self._vmap_failed: dict[str, str] = {}
+        self._replaying = False  # inside the generic rule's recomputation: hooks record nothing
+        self._vmapped: set[int] = set()  # engine indices of the parameters it claims
         self.batch_dim = batch_dim
         self.strategy = strategy
         self.clone_outputs = clone_outputs
@@ -341,6 +353,12 @@ class LayerwiseGramianEngine(GramianEngine):
         if not direct and not can_mix:
             return
         rule = rule_for(module)
+        if rule is GENERIC and not can_mix:
+            names = self._vmap_rule.claims(module)
+            if names is not None:  # the generic per-module rule (see _permodule)
+                self._vmapped.update(pidx.values())
+                self._hook_module(name, module, self._vmap_rule, names)
+                return
         info = _Info(name, module, rule, pidx)
         self._infos.append(info)
         if rule is GENERIC:
@@ -358,7 +376,7 @@ class LayerwiseGramianEngine(GramianEngine):
 
     def _record_call(self, info: _Info, module: nn.Module, args: tuple, output: object) -> object:
         """The forward hook of a layer claimed by a layer rule (see :meth:`_make_hook`)."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._replaying:
             return None
         self._note_eager()
         if mixes_samples(module):
@@ -407,12 +425,13 @@ class LayerwiseGramianEngine(GramianEngine):
         output: object,
     ) -> None:
         """The forward hook of a module claimed by a module rule (see :meth:`_hook_module`)."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._replaying:
             return None
         self._note_eager()
         same = all(module.get_parameter(n) is p for n, p in claimed.items())
         saved = None
-        if same and exact_call(module, info.cls, info.params, info.hook):
+        ok = info.name not in self._vmap_failed
+        if ok and same and exact_call(module, info.cls, info.params, info.hook):
             saved = rule.save(module, args, kwargs, output)
         if saved is None:
             self._records.append(_Inexact(info))
@@ -440,7 +459,7 @@ class LayerwiseGramianEngine(GramianEngine):
         """``copy.deepcopy`` and ``pickle``: a new engine on the (copied) modules, hooked anew
         (what a copied model carries of this engine's hooks is inert, see ``_hooks``)."""
         kwargs = {"batch_dim": self.batch_dim, "strategy": self.strategy,
-                  "clone_outputs": self.clone_outputs}  # fmt: skip
+                  "clone_outputs": self.clone_outputs, "chunk_size": self.chunk_size}  # fmt: skip
         return (rebuild_engine, (type(self), self._roots, kwargs))
 
     def reset(self) -> None:
@@ -658,7 +677,27 @@ class LayerwiseGramianEngine(GramianEngine):
         deltas = self._output_grads(losses, outs, dims, bdims)
         dtype = accumulation_dtype(losses.dtype, *(o.dtype for o in outs))
 
-        factors: list[Factor] = []
+        # The generic per-module rule first: a call whose check fails sends its module's
+        # parameters to the fallback, and the other rules must then leave them alone too.
+        pos = len(valid)
+        vmapped: list[PerSample] = []
+        late: set[int] = set()
+        for r in mvalid:
+            n = len(r.saved.outputs)
+            Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
+            pos += n
+            if isinstance(r.info.rule, VmapRule) and any(D is not None for D in Ds):
+                grads = self._vmap_grads(r, Ds, dims, want, dtype)
+                if grads is None:
+                    late.update(r.info.pidx.values())
+                else:
+                    vmapped.append(PerSample(grads))
+        if late:
+            covered -= late
+            vmapped = [PerSample({i: g for i, g in f.grads.items() if i not in late})
+                       for f in vmapped]  # fmt: skip
+
+        factors: list[Factor] = list(vmapped)
         for r, D in zip(valid, deltas, strict=False):
             if D is not None:
                 D = D.to(dtype)
@@ -668,7 +707,7 @@ class LayerwiseGramianEngine(GramianEngine):
             n = len(r.saved.outputs)
             Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
             pos += n
-            if any(D is not None for D in Ds):
+            if any(D is not None for D in Ds) and not isinstance(r.info.rule, VmapRule):
                 rule: ModuleRule = r.info.rule  # type: ignore[assignment]
                 factors += rule.factors(r.info.module, r.info.pidx, r.saved, Ds, dims, want)
 
@@ -694,6 +733,46 @@ class LayerwiseGramianEngine(GramianEngine):
         )
         result.gramian_exponent = 2 * shift
         return result
+
+    def _vmap_grads(
+        self, r: _ModuleRecord, Ds: list[Tensor | None], dims: Dims, want, dtype: torch.dtype
+    ) -> dict[int, Tensor] | None:
+        """Per-sample gradients of a call handled by the generic per-module rule (see
+        :mod:`jdoptim.gramian._permodule`), or ``None`` when its parameters must take the
+        fallback (the verdict is kept for later steps)."""
+        info = r.info
+        rule: VmapRule = info.rule  # type: ignore[assignment]
+        names = [n for n, i in info.pidx.items() if want(i)]
+        if not names:
+            return {}
+        if torch.compiler.is_compiling():
+            self._replaying = True
+            grads, bad = rule.gradients(info.module, names, r.saved, Ds, dims)
+            self._replaying = False
+        else:
+            self._replaying = True
+            try:
+                grads, bad = rule.gradients(info.module, names, r.saved, Ds, dims)
+            except Exception as e:  # noqa: BLE001 (eager: any vmap failure takes the fallback)
+                self._vmap_failed[info.name] = f"vmap failed: {type(e).__name__}: {e}"[:300]
+                return None
+            finally:
+                self._replaying = False
+        if grads is None:
+            self._vmap_failed[info.name] = "outputs of other shapes when recomputed per sample"
+            return None
+        if host_readable(bad):
+            # Eager on the CPU only: one host read of the separability check.
+            if bool(bad):
+                self._vmap_failed[info.name] = (
+                    "outputs differ when recomputed per sample: the module mixes samples"
+                )
+                return None
+        else:
+            # No host read: a failed check makes the Gramian NaN (the nonfinite policy).
+            nan = torch.full((), float("nan"), dtype=dtype, device=bad.device)
+            grads = [torch.where(bad, nan, g.to(dtype)) for g in grads]
+        return {info.pidx[n]: g.to(dtype) for n, g in zip(names, grads, strict=True)}
 
     @torch.compiler.disable
     def _compute_eagerly(
@@ -725,12 +804,21 @@ class LayerwiseGramianEngine(GramianEngine):
     def __repr__(self) -> str:
         return (
             f"LayerwiseGramianEngine(batch_dim={self.batch_dim}, strategy={self.strategy!r}, "
-            f"clone_outputs={self.clone_outputs})"
+            f"clone_outputs={self.clone_outputs}"
+            + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
+            + ")"
         )
 
     def report(self) -> dict[str, str]:
-        """Which rule handles each hooked module (``"generic"``: exact batched-vjp fallback)."""
-        return {info.name: info.rule.name for info in self._infos}
+        """Which rule handles each hooked module: ``"generic"`` is the exact batched-vjp
+        fallback through the whole model, ``"vmap"`` the generic per-module rule, and
+        ``"generic (reason)"`` a module that this rule gave up on (it mixes samples, or ``vmap``
+        failed on it)."""
+        out = {}
+        for info in self._infos:
+            reason = self._vmap_failed.get(info.name)
+            out[info.name] = info.rule.name if reason is None else f"generic ({reason})"
+        return out
 
 
 def remove_handles(handles: list[RemovableHandle]) -> None:
