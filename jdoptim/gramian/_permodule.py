@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -171,9 +172,12 @@ class VmapRule(ModuleRule):
             return outs, grads
 
         xs = [leaves[i].unsqueeze(bd + 1) for i in batched]
-        outs, grads = torch.func.vmap(
-            one, in_dims=(bd, 0), randomness="error", chunk_size=self.chunk_size
-        )(xs, cots)
+        # The math form of scaled_dot_product_attention batches under vmap; the fused CPU
+        # kernels have no batching rule (vmap would loop over the samples).
+        with sdpa_kernel([SDPBackend.MATH]):
+            outs, grads = torch.func.vmap(
+                one, in_dims=(bd, 0), randomness="error", chunk_size=self.chunk_size
+            )(xs, cots)
         bad = torch.zeros((), dtype=torch.bool, device=ref[0].device)
         for o, r in zip(outs, ref, strict=True):
             if o.shape != r.shape:  # static: known at trace time too
