@@ -37,13 +37,21 @@ compares the memory of per-sample *norms*; a Gramian also needs the cross-sample
 ghost cost grows as :math:`(BT)^2`.) For ``nn.Embedding`` with ``V`` rows: ghost
 :math:`(BT)^2 + (BKT)^2(p+1)`, materialised :math:`(BK)^2 Vp + 2BKVp`.
 
-**Exactness and fallbacks.** Parameters that no rule covers are differentiated exactly by a
-batched vector-Jacobian product of the losses (``torch.autograd.grad(..., is_grads_batched=
-True)``, the per-sample gradients of those parameters only): parameters of modules of other
-types, of a covered module called on something that is not batched along ``batch_dim``, and of
-modules that are never called. ``nn.MultiheadAttention`` (its ``out_proj`` included) and
+**Exactness and fallbacks.** ``nn.MultiheadAttention`` (its ``out_proj`` included) and
 ``nn.RNN``/``GRU``/``LSTM`` have module rules (:mod:`jdoptim.gramian._modules`): one batched
-recomputation of the module exposes its linear maps. A module called several times (shared /
+recomputation of the module exposes its linear maps. Any other module that owns parameters
+(``x * self.scale``, ``x + self.pos``, ``nn.PReLU``, ``nn.Bilinear``, a custom attention) has
+the generic per-module rule (:mod:`jdoptim.gramian._permodule`): a ``vmap`` over the batch of the
+module's own vector-Jacobian product gives the per-sample gradients of its direct parameters
+(about one forward + backward of the module), after checking that the module is per-sample
+separable. Parameters that no rule covers are differentiated exactly by a batched
+vector-Jacobian product of the losses through the whole model (``torch.autograd.grad(...,
+is_grads_batched=True)``, the per-sample gradients of those parameters only, about one backward
+per sample): parameters of a covered module called on something that is not batched along
+``batch_dim``, of modules that are never called, of parametrised or pruned modules, and of a
+module that the generic rule gave up on (it mixes samples, or ``vmap`` fails on it; a module
+found to mix samples sends *every* parameter to this fallback, since the rules of the layers
+before it assume separable losses). A module called several times (shared /
 tied layers) sums its calls: positions are concatenated, so the cross terms between calls are
 exact; a parameter reached through different rules (an embedding tied to a linear head) is
 materialised.
@@ -58,9 +66,11 @@ module's calls (``F.linear(x, emb.weight)``), found from the autograd graph in e
 the last eager :meth:`~LayerwiseGramianEngine.compute` is used).
 
 Limits: modules that mix samples make per-sample losses non-separable:
-``BatchNorm*`` with batch statistics raises, other mixing (attention across the batch, a
-``x - x.mean(0)``) cannot be detected. Module outputs must not be modified in place (e.g.
-``ReLU(inplace=True)`` right after a ``Linear``): that raises, unless ``clone_outputs=True``.
+``BatchNorm*`` with batch statistics raises, a module with parameters of its own under the
+generic rule is checked (see above), other mixing (attention across the batch, a
+``x - x.mean(0)`` between layers) cannot be detected. Module outputs must not be modified in
+place (e.g. ``ReLU(inplace=True)`` right after a ``Linear``): that raises, unless
+``clone_outputs=True``.
 """
 
 from __future__ import annotations
@@ -239,6 +249,8 @@ class LayerwiseGramianEngine(GramianEngine):
     :param clone_outputs: hand a copy of each hooked module's output to the rest of the model, so
         that in-place operations on it (``ReLU(inplace=True)``) do not invalidate the stored
         output (costs one copy per output).
+    :param chunk_size: samples per ``vmap`` chunk of the generic per-module rule (``None``: the
+        whole batch at once); bounds its memory to ``chunk_size`` per-sample recomputations.
 
     **Losses.** :meth:`compute` takes losses whose dimension ``batch_dim`` has size ``B`` (the
     batch size of the hooked layers) and whose other dimensions are ``K`` losses per sample
@@ -310,6 +322,7 @@ class LayerwiseGramianEngine(GramianEngine):
         self._vmap_failed: dict[str, str] = {}
         self._replaying = False  # inside the generic rule's recomputation: hooks record nothing
         self._vmapped: set[int] = set()  # engine indices of the parameters it claims
+        self._mixing: set[str] = set()  # modules it found to mix samples (all take the fallback)
         self.batch_dim = batch_dim
         self.strategy = strategy
         self.clone_outputs = clone_outputs
@@ -663,6 +676,8 @@ class LayerwiseGramianEngine(GramianEngine):
             outside = used_outside([losses], uses)
             self._outside = frozenset(i for i in covered if id(self._params[i]) in outside)
         covered -= self._outside
+        if self._mixing:  # a module was found to mix samples: no rule applies (see below)
+            covered = set()
 
         def want(i: int) -> bool:
             return i in covered
@@ -696,6 +711,11 @@ class LayerwiseGramianEngine(GramianEngine):
             covered -= late
             vmapped = [PerSample({i: g for i, g in f.grads.items() if i not in late})
                        for f in vmapped]  # fmt: skip
+        if self._mixing:
+            # A module mixes samples, so the losses are not per-sample separable and the rules
+            # of the layers before it would be wrong too: everything takes the exact fallback.
+            covered.clear()
+            valid, mvalid, vmapped = [], [], []
 
         factors: list[Factor] = list(vmapped)
         for r, D in zip(valid, deltas, strict=False):
@@ -765,8 +785,10 @@ class LayerwiseGramianEngine(GramianEngine):
             # Eager on the CPU only: one host read of the separability check.
             if bool(bad):
                 self._vmap_failed[info.name] = (
-                    "outputs differ when recomputed per sample: the module mixes samples"
+                    "outputs differ when recomputed per sample: the module mixes samples, "
+                    "every parameter takes the fallback"
                 )
+                self._mixing.add(info.name)
                 return None
         else:
             # No host read: a failed check makes the Gramian NaN (the nonfinite policy).

@@ -215,13 +215,16 @@ def _mixing_net() -> tuple[nn.Module, Tensor]:
 
 
 def test_mixing_module_falls_back_exactly() -> None:
-    model, x = _mixing_net()
-    engine = check(model, lambda: model(x).pow(2).sum((1, 2)), claimed=False)
-    assert engine.report()["0"].startswith("generic (outputs differ")
-    # The verdict is kept: the next step goes to the fallback without trying the rule.
-    assert engine._records == []
-    model(x)
-    assert type(engine._records[0]).__name__ == "_Inexact"
+    """The layers before the mixing module (the embedding) would be wrong too: every parameter
+    takes the exact fallback, in this step and the next ones."""
+    model, t = Net(Mixing()), _tokens()
+    engine = check(model, lambda: per_sample(model, t), claimed=False)
+    assert engine.report()["block"].startswith("generic (outputs differ")
+    model.emb.weight.data.mul_(2)
+    losses = per_sample(model, t)
+    assert type(engine._records[1]).__name__ == "_Inexact"  # the verdict is kept
+    params = list(model.parameters())
+    assert_matches_jacobian(engine.compute(losses, params, retain_graph=True), losses, params)
 
 
 def test_mixing_module_without_host_read_is_nan(monkeypatch: pytest.MonkeyPatch) -> None:
