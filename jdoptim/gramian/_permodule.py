@@ -33,8 +33,10 @@ gradients with NaN through ``torch.where``: the Gramian is NaN, which
 silently wrong Gramian. ``vmap`` runs with ``randomness="error"`` (dropout, random ops), and
 an eager ``vmap`` failure (an op without a batching rule that cannot fall back, a data-dependent
 branch, an in-place update of a buffer) also sends the module to the fallback, with the reason
-in :meth:`~jdoptim.gramian.LayerwiseGramianEngine.report`. Buffers enter the recomputation as
-copies, so an in-place update of one there does not change the model.
+in :meth:`~jdoptim.gramian.LayerwiseGramianEngine.report`. Under ``torch.compile`` a ``vmap``
+failure raises instead (a traced step cannot retry eagerly): one eager step first records the
+verdict, which compiled steps then follow. Buffers enter the recomputation as copies, so an
+in-place update of one there does not change the model.
 
 **Limits.** The output check sees mixing only where it changes the outputs at the current
 parameters: a mixing term whose coefficient is exactly zero (``y = x + a * x.mean(0)`` with

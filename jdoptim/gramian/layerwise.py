@@ -480,6 +480,7 @@ class LayerwiseGramianEngine(GramianEngine):
         pass that is not followed by one)."""
         self._records = []
         self._eager_calls = False
+        self._replaying = False
 
     # ------------------------------------------------------------------------------ compute
 
@@ -600,6 +601,7 @@ class LayerwiseGramianEngine(GramianEngine):
                 losses, params, retain_graph=retain_graph, batch_dim=batch_dim
             )
         self._eager_calls = False
+        self._replaying = False  # (a recomputation that raised under torch.compile)
         # Empty the list in place: under torch.compile a new list would leave the old one, with
         # the tensors of this step, to be rebuilt as graph outputs.
         records = list(self._records)
