@@ -24,9 +24,14 @@ module depends on input :math:`b` alone. The vmapped recomputation also returns 
 per-sample outputs :math:`f(x_b;\theta)`; they must equal the recorded batched outputs (max
 difference :math:`\le \sqrt{\varepsilon}\,\max|y|`, :math:`\varepsilon` the output dtype's
 machine epsilon). A module that mixes samples (``x - x.mean(0)``, attention across the batch)
-fails that check. In eager mode on the CPU the engine reads the verdict (one host read) and,
-on a mismatch, differentiates the module's parameters with its exact whole-model fallback
-(and keeps that verdict for later steps, compiled ones included). Where a host read is not
+fails that check. A second, first-order check covers mixing that leaves the outputs unchanged at
+the current parameters (``y = x + a * x.mean(0)`` with ``a = 0``): for each parameter that only
+this rule claims, the per-sample gradients summed over the batch must equal the batched gradient
+of the losses, which the engine's one backward also returns (same tolerance, relative to
+:math:`\max \sum_b |g_b|`). In eager mode on the CPU the engine reads the verdicts (one host
+read each) and, on a mismatch, differentiates **every** parameter with its exact whole-model
+fallback, since the rules of the layers before a mixing module assume separable losses too (the
+verdict is kept for later steps, compiled ones included). Where a host read is not
 allowed (under ``torch.compile``, on accelerators) the verdict poisons the module's per-sample
 gradients with NaN through ``torch.where``: the Gramian is NaN, which
 :class:`~jdoptim.JDOptimizer`'s ``nonfinite`` policy reports (``"raise"`` by default), never a
@@ -38,13 +43,16 @@ failure raises instead (a traced step cannot retry eagerly): one eager step firs
 verdict, which compiled steps then follow. Buffers enter the recomputation as copies, so an
 in-place update of one there does not change the model.
 
-**Limits.** The output check sees mixing only where it changes the outputs at the current
-parameters: a mixing term whose coefficient is exactly zero (``y = x + a * x.mean(0)`` with
-``a = 0``) passes while its gradient would not; such modules should not use this engine.
-Inputs are per-sample when their dimension ``batch_dim`` has the batch size, other tensors
-are shared by all samples (a mask ``[T, T]`` with ``T = B`` is mistaken for a batched input,
-which the output check then reports). Calls with no batched input, or with an output that
-requires grad and is not batched, are left to the fallback.
+**Limits.** Mixing that changes neither the outputs nor the batch sum of the gradients at the
+current parameters passes both checks. Under ``torch.compile``, where the autograd graph is
+hidden, a parameter of the module that the losses also use outside it fails the first-order
+check (NaN) unless an eager step sent it to the fallback first. Inputs are per-sample when
+their dimension ``batch_dim`` has the batch size, other tensors are shared by all samples (a
+mask ``[T, T]`` with ``T = B`` is mistaken for a batched input, which the output check then
+reports). Calls with no batched input, or with an output that requires grad and is not
+batched, are left to the fallback. A module with parameters of its own nested in another one is
+recomputed once per level (the parent's recomputation runs the child with its parameters
+fixed).
 """
 
 from __future__ import annotations
@@ -89,6 +97,8 @@ class VmapRule(ModuleRule):
             # A parametrisation is not called on the batch; an Embedding only lands here when
             # sparse or scale_grad_by_freq, whose backward is not per sample.
             return None
+        if getattr(module, "sparse", False) or getattr(module, "scale_grad_by_freq", False):
+            return None  # nn.EmbeddingBag and the like: sparse or batch-scaled gradients
         if module._forward_pre_hooks:
             # prune / the old weight_norm compute the weight in one: every call would fall back
             # (exact_call), so the report says so from the start.

@@ -102,7 +102,7 @@ from ._layers import (
     rule_for,
 )
 from ._modules import ModuleRule, Saved, module_rule_for
-from ._permodule import VmapRule, host_readable
+from ._permodule import VmapRule, check_tolerance, host_readable
 from ._scale import gram_shift
 
 if TYPE_CHECKING:
@@ -344,6 +344,12 @@ class LayerwiseGramianEngine(GramianEngine):
                     continue
                 seen.add(id(module))
                 self._hook(name or type(module).__name__, module)
+        # Parameters that only the generic per-module rule claims (its first-order check).
+        owners: dict[int, int] = {}
+        for info in self._infos:
+            for i in set(info.pidx.values()):
+                owners[i] = owners.get(i, 0) + 1
+        self._vmap_only = frozenset(i for i in self._vmapped if owners.get(i) == 1)
         # The hooks hold the engine only weakly, so the model does not keep it alive; once it is
         # gone (e.g. with the JDOptimizer that built it), this finalizer unhooks the model.
         weakref.finalize(self, remove_handles, self._handles)
@@ -525,35 +531,47 @@ class LayerwiseGramianEngine(GramianEngine):
         return Dims(B=B, K=losses.numel() // B, batch_dim=layer_dim, loss_dim=bd)
 
     def _output_grads(
-        self, losses: Tensor, outputs: list[Tensor], dims: Dims, bdims: list[int]
+        self,
+        losses: Tensor,
+        outputs: list[Tensor],
+        dims: Dims,
+        bdims: list[int],
+        extra: Sequence[Tensor] = (),
     ) -> list[Tensor | None]:
         """:math:`\\partial L_{\\cdot k} / \\partial y` for every stored output, as
         ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when ``K > 1``);
-        ``bdims`` holds each output's batch dimension."""
+        ``bdims`` holds each output's batch dimension. Then, for each of ``extra`` (parameters),
+        :math:`\\sum_b \\partial L_{bk} / \\partial \\theta` as ``[K, n]`` (same backward)."""
         if not outputs:
             return []
         ld = dims.loss_dim
+        n = len(outputs)
         if dims.K == 1:
-            grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
-            return [
+            grads = torch.autograd.grad(
+                losses.sum(), [*outputs, *extra], retain_graph=True, allow_unused=True
+            )
+            out: list[Tensor | None] = [
                 None if g is None else g.movedim(bd, 0).unsqueeze(1)
-                for g, bd in zip(grads, bdims, strict=True)
+                for g, bd in zip(grads[:n], bdims, strict=True)
             ]
+            return out + [None if g is None else _dense(g).reshape(1, -1) for g in grads[n:]]
         moved = losses.movedim(ld, 0)
         eye = torch.eye(dims.K, dtype=losses.dtype, device=losses.device)
         E = eye[:, None, :].expand(dims.K, dims.B, dims.K).reshape(dims.K, *moved.shape)
         E = E.movedim(1, ld + 1)
         grads = torch.autograd.grad(
             losses,
-            outputs,
+            [*outputs, *extra],
             grad_outputs=E,
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=True,
         )
-        return [
-            None if g is None else g.movedim(bd + 1, 0) for g, bd in zip(grads, bdims, strict=True)
+        out = [
+            None if g is None else g.movedim(bd + 1, 0)
+            for g, bd in zip(grads[:n], bdims, strict=True)
         ]
+        return out + [None if g is None else _dense(g).reshape(dims.K, -1) for g in grads[n:]]
 
     def _fallback(
         self, losses: Tensor, params: list[Tensor], dims: Dims, retain_graph: bool
@@ -691,7 +709,19 @@ class LayerwiseGramianEngine(GramianEngine):
         for r in mvalid:
             outs += r.saved.outputs
             bdims += r.saved.out_dims
-        deltas = self._output_grads(losses, outs, dims, bdims)
+        # Parameters that only the generic per-module rule claims: their batched gradients come
+        # from the same backward, for its first-order check (see _permodule).
+        checked = list(
+            dict.fromkeys(
+                i
+                for r in mvalid
+                if isinstance(r.info.rule, VmapRule)
+                for i in r.info.pidx.values()
+                if want(i) and i in self._vmap_only
+            )
+        )
+        deltas = self._output_grads(losses, outs, dims, bdims, [self._params[i] for i in checked])
+        totals = dict(zip(checked, deltas[len(outs) :], strict=True))
         dtype = accumulation_dtype(losses.dtype, *(o.dtype for o in outs))
 
         # The generic per-module rule first: a call whose check fails sends its module's
@@ -713,6 +743,7 @@ class LayerwiseGramianEngine(GramianEngine):
             covered -= late
             vmapped = [PerSample({i: g for i, g in f.grads.items() if i not in late})
                        for f in vmapped]  # fmt: skip
+        vmapped = self._check_sums(vmapped, totals, mvalid)
         if self._mixing:
             # A module mixes samples, so the losses are not per-sample separable and the rules
             # of the layers before it would be wrong too: everything takes the exact fallback.
@@ -755,6 +786,51 @@ class LayerwiseGramianEngine(GramianEngine):
         )
         result.gramian_exponent = 2 * shift
         return result
+
+    def _check_sums(
+        self,
+        vmapped: list[PerSample],
+        totals: dict[int, Tensor | None],
+        records: list[_ModuleRecord],
+    ) -> list[PerSample]:
+        """The generic rule's first-order check: per parameter, the per-sample gradients
+        summed over the batch (and over the module's calls) must equal the batched gradient of
+        the losses (``totals``). Eager on the CPU: on a mismatch the owning modules are marked
+        as mixing samples (everything takes the fallback); elsewhere: NaN, no host read."""
+        sums: dict[int, Tensor] = {}
+        scales: dict[int, Tensor] = {}
+        for f in vmapped:
+            for i, J in f.grads.items():
+                if i in totals:
+                    s, a = J.sum(0), J.abs().sum(0)
+                    sums[i] = s if i not in sums else sums[i] + s
+                    scales[i] = a if i not in scales else scales[i] + a
+        if not sums:
+            return vmapped
+        flags = []
+        for i, s in sums.items():
+            total = totals[i]
+            diff = s if total is None else s - total.to(s.dtype)
+            tol = check_tolerance(self._params[i].dtype)
+            flags.append(diff.abs().amax() > tol * scales[i].amax())
+        bad = torch.stack(flags).any()
+        if host_readable(bad):
+            # Eager on the CPU only: one host read of the check.
+            if bool(bad):
+                names = {r.info.name for r in records if set(r.info.pidx.values()) & set(sums)}
+                for name in names:
+                    self._vmap_failed[name] = (
+                        "per-sample gradients do not sum to the batch gradient: the module "
+                        "mixes samples (or a parameter is used outside it), every parameter "
+                        "takes the fallback"
+                    )
+                self._mixing.update(names)
+            return vmapped
+        return [
+            PerSample({i: torch.where(bad, J.new_full((), float("nan")), J)
+                       for i, J in f.grads.items()})
+            for f in vmapped
+        ]  # fmt: skip
 
     def _vmap_grads(
         self, r: _ModuleRecord, Ds: list[Tensor | None], dims: Dims, want, dtype: torch.dtype
@@ -843,6 +919,11 @@ class LayerwiseGramianEngine(GramianEngine):
             reason = self._vmap_failed.get(info.name)
             out[info.name] = info.rule.name if reason is None else f"generic ({reason})"
         return out
+
+
+def _dense(g: Tensor) -> Tensor:
+    """A gradient as a strided tensor (a sparse one from ``F.embedding(..., sparse=True)``)."""
+    return g if g.layout == torch.strided else g.to_dense()
 
 
 def remove_handles(handles: list[RemovableHandle]) -> None:

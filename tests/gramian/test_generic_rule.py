@@ -106,6 +106,19 @@ class Mixing(nn.Module):
         return (x - x.mean(0, keepdim=True)) * self.p
 
 
+class ZeroMixing(nn.Module):
+    """Mixes samples through a coefficient that is zero: the outputs are per-sample, the
+    gradient of ``a`` is not (only the first-order check sees it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(E))
+        self.a = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.p + self.a * x.mean(0, keepdim=True)
+
+
 class Net(nn.Module):
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -225,6 +238,33 @@ def test_mixing_module_falls_back_exactly() -> None:
     assert type(engine._records[1]).__name__ == "_Inexact"  # the verdict is kept
     params = list(model.parameters())
     assert_matches_jacobian(engine.compute(losses, params, retain_graph=True), losses, params)
+
+
+def test_mixing_through_a_zero_coefficient_falls_back_exactly() -> None:
+    model, t = Net(ZeroMixing()), _tokens()
+    engine = check(model, lambda: per_sample(model, t), claimed=False)
+    assert engine.report()["block"].startswith("generic (per-sample gradients do not sum")
+
+
+def test_zero_coefficient_and_outside_use_without_host_read_are_nan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No host read and no autograd graph (as under torch.compile): the first-order check
+    poisons the Gramian for mixing through a zero coefficient and for a parameter of the module
+    that the losses also use outside it (undetectable from the graph there)."""
+    monkeypatch.setattr(layerwise, "host_readable", lambda flag: False)
+    monkeypatch.setattr(layerwise, "graph_visible", lambda: False)
+    model, t = Net(ZeroMixing()), _tokens()
+    engine = LayerwiseGramianEngine(model)
+    assert engine.compute(per_sample(model, t), list(model.parameters())).gramian.isnan().all()
+
+    model, t = Net(ScaleBias()), _tokens()
+    engine = LayerwiseGramianEngine(model)
+    losses = per_sample(model, t) + (model.emb(t) * model.block.scale).sum((1, 2))
+    assert engine.compute(losses, list(model.parameters())).gramian.isnan().all()
+    model, t = Net(ScaleBias()), _tokens()
+    engine = LayerwiseGramianEngine(model)
+    assert not engine.compute(per_sample(model, t), list(model.parameters())).gramian.isnan().any()
 
 
 def test_mixing_module_without_host_read_is_nan(monkeypatch: pytest.MonkeyPatch) -> None:
