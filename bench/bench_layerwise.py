@@ -160,6 +160,38 @@ def run_generic(B: int = 32, T: int = 16, compiled: bool = False) -> None:
             print("report:", engine.report())
         engine.remove()
     times["jacobian"] = timeit(lambda: with_engine(JacobianEngine()), n=5, warmup=1)
+    # Whole JD steps with UPGrad: jdoptim, and torchjd's autogram when it is installed.
+    from jdoptim import JDOptimizer
+    from jdoptim.aggregation import UPGradWeighting
+
+    jd = JDOptimizer(torch.optim.SGD(params, lr=1e-3), UPGradWeighting(), model=model,
+                     batch_dim=0)  # fmt: skip
+
+    def jd_step() -> None:
+        jd.zero_grad(set_to_none=True)
+        jd.step(F.cross_entropy(model(x), y, reduction="none"))
+
+    times["jdoptim UPGrad"] = timeit(jd_step, n=15)
+    jd.close()
+    try:
+        import copy
+
+        from torchjd.aggregation import UPGradWeighting as TjdUPGrad
+        from torchjd.autogram import Engine
+
+        gram_model = copy.deepcopy(model)  # autogram hooks its model for good
+        gram_opt = torch.optim.SGD(gram_model.parameters(), lr=1e-3)
+        tjd, weighting = Engine(gram_model, batch_dim=0), TjdUPGrad()
+
+        def autogram() -> None:
+            gram_opt.zero_grad(set_to_none=True)
+            losses = F.cross_entropy(gram_model(x), y, reduction="none")
+            losses.backward(weighting(tjd.compute_gramian(losses)))
+            gram_opt.step()
+
+        times["torchjd autogram UPGrad"] = timeit(autogram, n=15)
+    except ImportError:
+        pass
     if compiled:
         engine = LayerwiseGramianEngine(model)
         with torch._dynamo.config.patch(trace_autograd_ops=True):

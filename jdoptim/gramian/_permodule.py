@@ -27,13 +27,13 @@ machine epsilon). A module that mixes samples (``x - x.mean(0)``, attention acro
 fails that check. A second, first-order check covers mixing that leaves the outputs unchanged at
 the current parameters (``y = x + a * x.mean(0)`` with ``a = 0``): for each parameter that only
 this rule claims, the per-sample gradients summed over the batch must equal the batched gradient
-of the losses, which the engine's one backward also returns (same tolerance, relative to
-:math:`\max \sum_b |g_b|`). In eager mode on the CPU the engine reads the verdicts (one host
-read each) and, on a mismatch, differentiates **every** parameter with its exact whole-model
-fallback, since the rules of the layers before a mixing module assume separable losses too (the
-verdict is kept for later steps, compiled ones included). Where a host read is not
-allowed (under ``torch.compile``, on accelerators) the verdict poisons the module's per-sample
-gradients with NaN through ``torch.where``: the Gramian is NaN, which
+of the losses, which the engine's one backward also returns (in norm, same tolerance,
+relative to :math:`\sum_b \|g_b\|`). In eager mode on the CPU the engine reads the verdicts
+(one host read each) and, on a mismatch, differentiates **every** parameter with its exact
+whole-model fallback, since the rules of the layers before a mixing module assume separable
+losses too (the verdict is kept for later steps, compiled ones included). Where a host read is
+not allowed (under ``torch.compile``, on accelerators) the verdict poisons the module's
+per-sample gradients with NaN through ``torch.where``: the Gramian is NaN, which
 :class:`~jdoptim.JDOptimizer`'s ``nonfinite`` policy reports (``"raise"`` by default), never a
 silently wrong Gramian. ``vmap`` runs with ``randomness="error"`` (dropout, random ops), and
 an eager ``vmap`` failure (an op without a batching rule that cannot fall back, a data-dependent
