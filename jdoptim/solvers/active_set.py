@@ -106,32 +106,48 @@ def _lipschitz_bound(gramian: Tensor, mu: float) -> Tensor:
     return torch.minimum(gramian.abs().sum(-1).amax(), trace_bound)
 
 
+def extended_pair(gramian: Tensor, inverse: Tensor) -> Tensor:
+    """``[2 (m+1)^2]``: ``inverse`` then ``gramian``, each bordered by a zero row and column
+    (a virtual index ``m``), flattened. Padding positions gather index ``m``: zero rows and
+    columns, whose diagonal :func:`_face_solve` then sets to one."""
+    m = gramian.shape[-1]
+    pair = torch.zeros(2, m + 1, m + 1, dtype=gramian.dtype, device=gramian.device)
+    pair[0, :m, :m] = inverse
+    pair[1, :m, :m] = gramian
+    return pair.reshape(-1)
+
+
 def _face_solve(
-    gramian: Tensor, inverse: Tensor, lower: Tensor, active: Tensor, size: int
+    gramian: Tensor, inverse: Tensor, lower: Tensor, active: Tensor, size: int,
+    pair: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Minimiser ``v`` and multipliers ``lambda`` of every row on its face ``{v_A = u_A}``,
-    through the smaller of the two systems (see the module docstring), padded to ``size``."""
+    through the smaller of the two systems (see the module docstring), padded to ``size``.
+    ``pair`` is :func:`extended_pair` of ``gramian`` and ``inverse`` (computed if ``None``)."""
     k, m = lower.shape
     size = max(1, min(size, m))
+    if pair is None:
+        pair = extended_pair(gramian, inverse)
     n_active = active.sum(-1, keepdim=True)
     dual = 2 * n_active <= m  # solve H_AA lambda_A = u_A, else G_FF v_F = -G_FA u_A
     chosen = torch.where(dual, active, ~active)
     count = chosen.sum(-1, keepdim=True)
-    # The chosen indices first (stable: in increasing order), then the others.
+    # The chosen indices first (stable: in increasing order), then the others; padding
+    # positions take the virtual index m (then identity rows and columns, zero right-hand side).
     order = torch.argsort((~chosen).to(torch.uint8), dim=-1, stable=True)[..., :size]
     valid = torch.arange(size, device=lower.device) < count
-    flat = torch.cat([inverse.reshape(-1), gramian.reshape(-1)])
-    base = torch.where(dual, 0, m * m)
-    matrices = flat[base[..., None] + order[..., :, None] * m + order[..., None, :]]
-    pair = valid[..., :, None] & valid[..., None, :]
-    eye = torch.eye(size, dtype=lower.dtype, device=lower.device)
-    matrices = torch.where(pair, matrices, eye)  # padding: identity rows and columns
+    index = torch.where(valid, order, m)
+    base = torch.where(dual, 0, (m + 1) * (m + 1))
+    matrices = pair[base[..., None] + index[..., :, None] * (m + 1) + index[..., None, :]]
+    matrices.diagonal(dim1=-2, dim2=-1).add_((~valid).to(matrices.dtype))  # identity padding
     bound_part = torch.where(active, lower, 0.0)
-    rhs = torch.where(dual, lower, -(bound_part @ gramian)).gather(-1, order)
-    rhs = torch.where(valid, rhs, 0.0)
+    rhs = torch.where(dual, lower, -(bound_part @ gramian))
+    rhs = torch.cat([rhs, torch.zeros_like(rhs[..., :1])], -1).gather(-1, index)
     factor = torch.linalg.cholesky_ex(matrices)[0]
-    x = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
-    full = torch.zeros_like(lower).scatter(-1, order, torch.where(valid, x, 0.0))
+    # Two triangular solves: several times faster than cholesky_solve on batches (CPU).
+    y = torch.linalg.solve_triangular(factor, rhs.unsqueeze(-1), upper=False)
+    x = torch.linalg.solve_triangular(factor.mT, y, upper=True).squeeze(-1)
+    full = lower.new_zeros(k, m + 1).scatter(-1, index, x)[..., :m]
     # Dual side: `full` holds lambda_A; primal side: it holds v_F.
     lam_dual = torch.where(active, full, 0.0)
     v_primal = torch.where(active, lower, full)
@@ -238,9 +254,10 @@ def solve_fixed(
     active = initial_active(gramian, lower, init)
     best = torch.full((k, 1), m + 1, dtype=torch.int64, device=lower.device)
     tries = torch.full((k, 1), BLOCK_TRIES, dtype=torch.int64, device=lower.device)
+    pair = extended_pair(gramian, inverse)
     v = lower
     for _ in range(accelerator_pivots(m)):
-        v, lam = _face_solve(gramian, inverse, lower, active, m // 2)
+        v, lam = _face_solve(gramian, inverse, lower, active, m // 2, pair)
         bad = _infeasible(v, lam, lower, active, gramian_scale)
         active, best, tries = _exchange(active, bad, best, tries)
     start = best_start(gramian, lower, v)
@@ -312,7 +329,8 @@ def try_pivoting(
             break
         if inverse is None:  # factorised only once pivoting is sure to run
             inverse = torch.cholesky_inverse(torch.linalg.cholesky_ex(gramian)[0])
-        v, lam = _face_solve(gramian, inverse, bounds, active, size)
+            pair = extended_pair(gramian, inverse)
+        v, lam = _face_solve(gramian, inverse, bounds, active, size, pair)
         bad = _infeasible(v, lam, bounds, active, gramian_scale)
         done = ~bad.any(-1)
         out[rows[done]] = torch.maximum(v[done], bounds[done])
