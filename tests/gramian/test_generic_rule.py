@@ -191,6 +191,23 @@ def test_nested_parents() -> None:
     assert report["inner.lin"] == "linear" and report["out"] == "linear"
 
 
+class Tied(nn.Module):
+    """The parent's own parameter is also its child Linear's weight (counted once per use)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(E, E)
+        self.w = self.lin.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x)) @ self.w
+
+
+def test_parameter_tied_to_a_child() -> None:
+    model, t = Net(Tied()), _tokens()
+    check(model, lambda: per_sample(model, t))
+
+
 def test_multi_losses_and_shared_calls() -> None:
     """[B, K] losses; the module called twice (its calls sum)."""
     block = ScaleBias()
