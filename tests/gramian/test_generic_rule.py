@@ -342,6 +342,32 @@ def test_vmap_failure_falls_back_exactly(block: type[nn.Module]) -> None:
     assert engine.report()["block"].startswith("generic (vmap failed")
 
 
+class Gated(nn.Module):
+    """A parent's own gate around a child that has a module rule."""
+
+    def __init__(self, child: nn.Module) -> None:
+        super().__init__()
+        self.gate, self.child = nn.Parameter(torch.randn(E)), child
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x * self.gate
+        if isinstance(self.child, nn.GRU):
+            return self.child(h)[0]
+        return self.child(h, h, h, need_weights=False)[0]
+
+
+def test_children_with_module_rules() -> None:
+    """An attention child runs inside the parent's recomputation; a GRU child does not run
+    under functional_call + vmap: the parent's gate falls back exactly, with the reason."""
+    model, t = Net(Gated(nn.MultiheadAttention(E, 2, batch_first=True))), _tokens()
+    engine = check(model, lambda: per_sample(model, t))
+    assert engine.report()["block"] == "vmap"
+    model = Net(Gated(nn.GRU(E, E, batch_first=True)))
+    engine = check(model, lambda: per_sample(model, t), claimed=False)
+    assert engine.report()["block"].startswith("generic (vmap failed: RuntimeError")
+    assert engine.report()["block.child"] == "recurrent"
+
+
 def test_parameter_used_outside_falls_back_exactly() -> None:
     model, t = Net(ScaleBias()), _tokens()
     check(model, lambda: per_sample(model, t) + (model.emb(t) * model.block.scale).sum((1, 2)),
