@@ -398,3 +398,19 @@ def test_compile_fullgraph_matches_eager() -> None:
     for p, g in zip(params, g_eager, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
     assert engine._records == []
+
+
+def test_compiled_mixing_module_is_nan() -> None:
+    """A compiled step (no host read, no eager verdict yet) poisons the Gramian with NaN."""
+    torch.set_default_dtype(torch.float32)
+    model, x = _mixing_net()
+    engine = LayerwiseGramianEngine(model)
+
+    def step(x: Tensor) -> Tensor:
+        return engine.compute(model(x).pow(2).sum((1, 2)), list(model.parameters())).gramian
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        torch._dynamo.reset()
+        G = torch.compile(step, fullgraph=True)(x)
+    assert G.isnan().all()
+    assert not step(x).isnan().any()  # eager: the exact fallback
