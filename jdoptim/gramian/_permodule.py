@@ -37,11 +37,16 @@ per-sample gradients with NaN through ``torch.where``: the Gramian is NaN, which
 :class:`~jdoptim.JDOptimizer`'s ``nonfinite`` policy reports (``"raise"`` by default), never a
 silently wrong Gramian. ``vmap`` runs with ``randomness="error"`` (dropout, random ops), and
 an eager ``vmap`` failure (an op without a batching rule that cannot fall back, a data-dependent
-branch, an in-place update of a buffer) also sends the module to the fallback, with the reason
-in :meth:`~jdoptim.gramian.LayerwiseGramianEngine.report`. Under ``torch.compile`` a ``vmap``
-failure raises instead (a traced step cannot retry eagerly): one eager step first records the
-verdict, which compiled steps then follow. Buffers enter the recomputation as copies, so an
-in-place update of one there does not change the model.
+branch, an in-place update of a buffer, ``nn.GRU`` under ``functional_call``) also sends the
+module to the fallback, with the reason in
+:meth:`~jdoptim.gramian.LayerwiseGramianEngine.report`; the engine then calls the module on each
+sample alone, without ``vmap`` (:meth:`VmapRule.separable`, once): if that does not give the
+batch's outputs (a hand-written batch norm with an in-place running mean, a branch on the whole
+batch, randomness), every parameter takes the fallback, as for a failed check. Under
+``torch.compile`` a ``vmap`` failure raises instead (a traced step cannot retry eagerly), and
+outputs of other shapes make the Gramian NaN: one eager step first records the verdict, which
+compiled steps then follow. Buffers enter the recomputations as copies, so an in-place update of
+one there does not change the model.
 
 **Limits.** Mixing that changes neither the outputs nor the batch sum of the gradients at the
 current parameters passes both checks. Under ``torch.compile``, where the autograd graph is
@@ -198,3 +203,36 @@ class VmapRule(ModuleRule):
             scale = r.abs().amax() if r.numel() else r.new_zeros(())
             bad = bad | ((o - r).abs().amax() > tol * scale)
         return [g.reshape(B, K, -1) for g in grads], bad
+
+    def separable(self, module: nn.Module, saved: Saved) -> bool:
+        """Eager only (host reads): whether calling the module on each sample alone (a batch of
+        one, no ``vmap``, buffers copied) gives the recorded outputs. The engine asks when
+        ``vmap`` cannot run the module: ``False`` (it mixes samples, is random, or fails even
+        so) sends every parameter to the fallback."""
+        d, bd, B = saved.data, self.batch_dim, saved.batch
+        leaves, spec, batched, out_pos = d["leaves"], d["spec"], d["batched"], d["out_pos"]
+        params = {n: p.detach() for n, p in module.named_parameters(remove_duplicate=False)}
+        buffers = dict(module.named_buffers(remove_duplicate=False))
+        refs = [o.detach() for o in saved.outputs]
+        try:
+            with torch.no_grad():
+                for b in range(B):
+                    full = list(leaves)
+                    for i in batched:
+                        full[i] = leaves[i].narrow(bd, b, 1)
+                    args, kwargs = tree_unflatten(full, spec)
+                    values = {**params, **{n: t.clone() for n, t in buffers.items()}}
+                    out = torch.func.functional_call(
+                        module, values, args, kwargs, tie_weights=False
+                    )
+                    outl, _ = tree_flatten(out)
+                    for j, r in zip(out_pos, refs, strict=True):
+                        o, rb = outl[j], r.narrow(bd, b, 1)
+                        if not isinstance(o, Tensor) or o.shape != rb.shape:
+                            return False
+                        tol = check_tolerance(r.dtype) * float(r.abs().amax())
+                        if float((o - rb).abs().amax()) > tol:
+                            return False
+        except Exception:  # noqa: BLE001 (cannot tell: the safe answer)
+            return False
+        return True

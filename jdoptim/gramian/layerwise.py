@@ -854,12 +854,39 @@ class LayerwiseGramianEngine(GramianEngine):
             try:
                 grads, bad = rule.gradients(info.module, names, r.saved, Ds, dims)
             except Exception as e:  # noqa: BLE001 (eager: any vmap failure takes the fallback)
-                self._vmap_failed[info.name] = f"vmap failed: {type(e).__name__}: {e}"[:300]
-                return None
+                message = " ".join(str(e).split())[:160]
+                self._vmap_failed[info.name] = f"vmap failed: {type(e).__name__}: {message}"
+                grads = None
             finally:
                 self._replaying = False
+        if grads is None and torch.compiler.is_compiling():
+            # Outputs of other shapes (static): separability cannot be checked without a host
+            # read, so the Gramian is NaN (an eager step records the verdict instead).
+            return {
+                info.pidx[n]: torch.full(
+                    (dims.B, dims.K, info.module.get_parameter(n).numel()), float("nan"),
+                    dtype=dtype, device=r.saved.outputs[0].device,
+                )
+                for n in names
+            }  # fmt: skip
         if grads is None:
-            self._vmap_failed[info.name] = "outputs of other shapes when recomputed per sample"
+            reason = self._vmap_failed.setdefault(
+                info.name, "outputs of other shapes when recomputed per sample"
+            )
+            # Eager (host reads, once per module: the verdict is kept): is the module at least
+            # per-sample separable? If not (or unknown), the rules of the layers before it are
+            # wrong too: everything takes the fallback.
+            self._replaying = True
+            try:
+                ok = rule.separable(info.module, r.saved)
+            finally:
+                self._replaying = False
+            if not ok:
+                self._vmap_failed[info.name] = (
+                    f"{reason}; and calls on single samples do not give the batch's outputs: "
+                    "the module mixes samples (or is random), every parameter takes the fallback"
+                )
+                self._mixing.add(info.name)
             return None
         if host_readable(bad):
             # Eager on the CPU only: one host read of the separability check.

@@ -331,15 +331,38 @@ class Branching(nn.Module):
         super().__init__()
         self.p = nn.Parameter(torch.randn(E))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # the branch depends on the whole batch
         return x * self.p if x.sum() > 0 else x * self.p**2
 
 
-@pytest.mark.parametrize("block", [Dropped, Branching])
+class RunningNorm(nn.Module):
+    """A hand-written batch norm: batch statistics and an in-place running mean (vmap fails
+    on the in-place update; calls on single samples show the mixing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(E))
+        self.register_buffer("running", torch.zeros(E))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean((0, 1))
+        self.running.mul_(0.9).add_(0.1 * mean)
+        return (x - mean) * self.w
+
+
+@pytest.mark.parametrize("block", [Dropped, Branching, RunningNorm])
 def test_vmap_failure_falls_back_exactly(block: type[nn.Module]) -> None:
+    """After the embedding: ``vmap`` fails, and calls on single samples show that the module
+    mixes samples (or is random): every parameter takes the fallback (a separable module whose
+    ``vmap`` fails sends only its own: the GRU case of test_children_with_module_rules)."""
     model, t = Net(block()), _tokens()
     engine = check(model, lambda: per_sample(model, t), claimed=False)
-    assert engine.report()["block"].startswith("generic (vmap failed")
+    report = engine.report()["block"]
+    assert report.startswith("generic (vmap failed") and "every parameter" in report
+    if block is RunningNorm:  # the probes worked on copies of the buffer
+        torch.testing.assert_close(
+            model.block.running, 0.1 * model.emb(t).mean((0, 1)), rtol=1e-12, atol=1e-12
+        )
 
 
 class Gated(nn.Module):
@@ -365,6 +388,7 @@ def test_children_with_module_rules() -> None:
     model = Net(Gated(nn.GRU(E, E, batch_first=True)))
     engine = check(model, lambda: per_sample(model, t), claimed=False)
     assert engine.report()["block"].startswith("generic (vmap failed: RuntimeError")
+    assert "every parameter" not in engine.report()["block"]
     assert engine.report()["block.child"] == "recurrent"
 
 
