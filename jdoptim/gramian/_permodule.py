@@ -40,9 +40,11 @@ an eager ``vmap`` failure (an op without a batching rule that cannot fall back, 
 branch, an in-place update of a buffer, ``nn.GRU`` under ``functional_call``) also sends the
 module to the fallback, with the reason in
 :meth:`~jdoptim.gramian.LayerwiseGramianEngine.report`; the engine then calls the module on each
-sample alone, without ``vmap`` (:meth:`VmapRule.separable`, once): if that does not give the
-batch's outputs (a hand-written batch norm with an in-place running mean, a branch on the whole
-batch, randomness), every parameter takes the fallback, as for a failed check. Under
+sample alone, without ``vmap`` (:meth:`VmapRule.probe`, once): if that does not give the batch's
+outputs (a hand-written batch norm with an in-place running mean, a branch on the whole batch),
+every parameter takes the fallback, as for a failed check. A random module (two calls on the
+batch differ) cannot be checked: like ``nn.Dropout`` between layers, it is taken as per-sample
+and only its own parameters take the fallback. Under
 ``torch.compile`` a ``vmap`` failure raises instead (a traced step cannot retry eagerly), and
 outputs of other shapes make the Gramian NaN: one eager step first records the verdict, which
 compiled steps then follow. Buffers enter the recomputations as copies, so an in-place update of
@@ -204,35 +206,43 @@ class VmapRule(ModuleRule):
             bad = bad | ((o - r).abs().amax() > tol * scale)
         return [g.reshape(B, K, -1) for g in grads], bad
 
-    def separable(self, module: nn.Module, saved: Saved) -> bool:
-        """Eager only (host reads): whether calling the module on each sample alone (a batch of
-        one, no ``vmap``, buffers copied) gives the recorded outputs. The engine asks when
-        ``vmap`` cannot run the module: ``False`` (it mixes samples, is random, or fails even
-        so) sends every parameter to the fallback."""
+    def probe(self, module: nn.Module, saved: Saved) -> str:
+        """Eager only (host reads): ``"separable"``, ``"random"`` or ``"mixing"``, from calls of
+        the module without ``vmap`` or grad, its buffers copied each time: two calls on the
+        whole batch (``"random"`` when they differ), then one call per sample (a batch of one),
+        which must give the first call's outputs (``"mixing"`` otherwise, or when any call
+        fails). The engine asks when ``vmap`` cannot run the module."""
         d, bd, B = saved.data, self.batch_dim, saved.batch
         leaves, spec, batched, out_pos = d["leaves"], d["spec"], d["batched"], d["out_pos"]
         params = {n: p.detach() for n, p in module.named_parameters(remove_duplicate=False)}
         buffers = dict(module.named_buffers(remove_duplicate=False))
-        refs = [o.detach() for o in saved.outputs]
+
+        def call(full: list) -> list:
+            args, kwargs = tree_unflatten(full, spec)
+            values = {**params, **{n: t.clone() for n, t in buffers.items()}}
+            out = torch.func.functional_call(module, values, args, kwargs, tie_weights=False)
+            outl, _ = tree_flatten(out)
+            return [outl[j] for j in out_pos]
+
+        def differ(a: object, b: Tensor) -> bool:
+            if not isinstance(a, Tensor) or a.shape != b.shape:
+                return True
+            tol = check_tolerance(b.dtype) * float(b.abs().amax()) if b.numel() else 0.0
+            return b.numel() > 0 and float((a - b).abs().amax()) > tol
+
         try:
             with torch.no_grad():
+                first, second = call(list(leaves)), call(list(leaves))
+                if any(differ(a, b) for a, b in zip(second, first, strict=True)):
+                    return "random"
                 for b in range(B):
                     full = list(leaves)
                     for i in batched:
                         full[i] = leaves[i].narrow(bd, b, 1)
-                    args, kwargs = tree_unflatten(full, spec)
-                    values = {**params, **{n: t.clone() for n, t in buffers.items()}}
-                    out = torch.func.functional_call(
-                        module, values, args, kwargs, tie_weights=False
-                    )
-                    outl, _ = tree_flatten(out)
-                    for j, r in zip(out_pos, refs, strict=True):
-                        o, rb = outl[j], r.narrow(bd, b, 1)
-                        if not isinstance(o, Tensor) or o.shape != rb.shape:
-                            return False
-                        tol = check_tolerance(r.dtype) * float(r.abs().amax())
-                        if float((o - rb).abs().amax()) > tol:
-                            return False
+                    outs = call(full)
+                    refs = [o.narrow(bd, b, 1) for o in first]
+                    if any(differ(o, r) for o, r in zip(outs, refs, strict=True)):
+                        return "mixing"
         except Exception:  # noqa: BLE001 (cannot tell: the safe answer)
-            return False
-        return True
+            return "mixing"
+        return "separable"

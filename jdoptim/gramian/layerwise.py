@@ -873,20 +873,23 @@ class LayerwiseGramianEngine(GramianEngine):
             reason = self._vmap_failed.setdefault(
                 info.name, "outputs of other shapes when recomputed per sample"
             )
-            # Eager (host reads, once per module: the verdict is kept): is the module at least
-            # per-sample separable? If not (or unknown), the rules of the layers before it are
-            # wrong too: everything takes the fallback.
+            # Eager (host reads, once per module: the verdict is kept): does the module mix
+            # samples? Then the rules of the layers before it are wrong too: everything takes
+            # the fallback. (A random module cannot be checked; like nn.Dropout between layers,
+            # it is taken as per-sample.)
             self._replaying = True
             try:
-                ok = rule.separable(info.module, r.saved)
+                verdict = rule.probe(info.module, r.saved)
             finally:
                 self._replaying = False
-            if not ok:
+            if verdict == "mixing":
                 self._vmap_failed[info.name] = (
                     f"{reason}; and calls on single samples do not give the batch's outputs: "
-                    "the module mixes samples (or is random), every parameter takes the fallback"
+                    "the module mixes samples, every parameter takes the fallback"
                 )
                 self._mixing.add(info.name)
+            elif verdict == "random":
+                self._vmap_failed[info.name] = f"{reason}; the module is random"
             return None
         if host_readable(bad):
             # Eager on the CPU only: one host read of the separability check.

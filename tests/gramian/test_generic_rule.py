@@ -350,16 +350,26 @@ class RunningNorm(nn.Module):
         return (x - mean) * self.w
 
 
-@pytest.mark.parametrize("block", [Dropped, Branching, RunningNorm])
+class StatefulNorm(RunningNorm):
+    """Normalises with the running mean it has just updated (state changed by the call)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.running.mul_(0.9).add_(0.1 * x.mean((0, 1)))
+        return (x - self.running) * self.w
+
+
+@pytest.mark.parametrize("block", [Dropped, Branching, RunningNorm, StatefulNorm])
 def test_vmap_failure_falls_back_exactly(block: type[nn.Module]) -> None:
-    """After the embedding: ``vmap`` fails, and calls on single samples show that the module
-    mixes samples (or is random): every parameter takes the fallback (a separable module whose
-    ``vmap`` fails sends only its own: the GRU case of test_children_with_module_rules)."""
+    """After the embedding: ``vmap`` fails; calls on single samples show that the module mixes
+    samples (every parameter takes the fallback) or is random (its own parameters do, like the
+    GRU case of test_children_with_module_rules)."""
     model, t = Net(block()), _tokens()
     engine = check(model, lambda: per_sample(model, t), claimed=False)
     report = engine.report()["block"]
-    assert report.startswith("generic (vmap failed") and "every parameter" in report
-    if block is RunningNorm:  # the probes worked on copies of the buffer
+    assert report.startswith("generic (vmap failed")
+    assert ("every parameter" in report) == (block is not Dropped)
+    assert ("random" in report) == (block is Dropped)
+    if block in (RunningNorm, StatefulNorm):  # the probes worked on copies of the buffer
         torch.testing.assert_close(
             model.block.running, 0.1 * model.emb(t).mean((0, 1)), rtol=1e-12, atol=1e-12
         )
