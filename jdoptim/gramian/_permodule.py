@@ -75,7 +75,7 @@ from ._modules import ModuleRule, Saved
 
 
 def check_tolerance(dtype: torch.dtype) -> float:
-    r"""Relative tolerance of the output check: :math:`\sqrt{\varepsilon}` of ``dtype``.
+    r"""Relative tolerance of the checks: :math:`\sqrt{\varepsilon}` of ``dtype``.
 
     >>> round(check_tolerance(torch.float32), 6)
     0.000345

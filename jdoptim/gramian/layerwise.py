@@ -796,8 +796,8 @@ class LayerwiseGramianEngine(GramianEngine):
         """The generic rule's first-order check: per parameter, the per-sample gradients
         summed over the batch (and over the module's calls) must equal the batched gradient of
         the losses (``totals``), in Euclidean norm up to ``tol`` times the sum of the per-sample
-        norms. Eager on the CPU: on a mismatch the owning modules are marked
-        as mixing samples (everything takes the fallback); elsewhere: NaN, no host read."""
+        norms. Eager on the CPU: on a mismatch the owning modules are marked as mixing samples
+        (everything takes the fallback); elsewhere: NaN, no host read."""
         sums: dict[int, Tensor] = {}
         scales: dict[int, Tensor] = {}
         for f in vmapped:
@@ -819,7 +819,8 @@ class LayerwiseGramianEngine(GramianEngine):
         if host_readable(bad):
             # Eager on the CPU only: one host read of the check.
             if bool(bad):
-                names = {r.info.name for r in records if set(r.info.pidx.values()) & set(sums)}
+                failed = {i for i, flag in zip(sums, flags, strict=True) if bool(flag)}
+                names = {r.info.name for r in records if set(r.info.pidx.values()) & failed}
                 for name in names:
                     self._vmap_failed[name] = (
                         "per-sample gradients do not sum to the batch gradient: the module "
