@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from jdoptim import JDOptimizer, NonFiniteError
@@ -234,6 +236,29 @@ def test_chunks(chunk: int) -> None:
     torch.manual_seed(3)
     engine = check(model, lambda: per_sample(model, t), chunk_size=chunk)
     assert f"chunk_size={chunk}" in repr(engine)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    B=st.integers(1, 5),
+    T=st.integers(1, 4),
+    K=st.integers(1, 3),
+    batch_dim=st.integers(0, 1),
+    chunk=st.sampled_from([None, 1, 2]),
+)
+def test_random_sizes(B: int, T: int, K: int, batch_dim: int, chunk: int | None) -> None:
+    """Batch of one sample, one position, several losses per sample, either batch dimension,
+    chunks that do not divide the batch."""
+    torch.manual_seed(B * 100 + T * 10 + K)
+    block, head = ScaleBias(), nn.Linear(E, K)
+    model = nn.ModuleList([block, head])
+    x = torch.randn(B, T, E) if batch_dim == 0 else torch.randn(T, B, E)
+
+    def losses() -> Tensor:
+        out = torch.tanh(head(block(x))).pow(2)  # [B, T, K] or [T, B, K]
+        return out.sum(1 - batch_dim) if batch_dim == 0 else out.sum(0).T  # [B, K] or [K, B]
+
+    check(model, losses, batch_dim=batch_dim, chunk_size=chunk)
 
 
 # ------------------------------------------------------------------------------- safety
