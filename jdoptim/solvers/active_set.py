@@ -118,7 +118,11 @@ def extended_pair(gramian: Tensor, inverse: Tensor) -> Tensor:
 
 
 def _face_solve(
-    gramian: Tensor, inverse: Tensor, lower: Tensor, active: Tensor, size: int,
+    gramian: Tensor,
+    inverse: Tensor,
+    lower: Tensor,
+    active: Tensor,
+    size: int,
     pair: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Minimiser ``v`` and multipliers ``lambda`` of every row on its face ``{v_A = u_A}``,
@@ -153,6 +157,36 @@ def _face_solve(
     v_primal = torch.where(active, lower, full)
     v = torch.where(dual, torch.where(active, lower, lam_dual @ inverse), v_primal)
     lam = torch.where(dual, lam_dual, torch.where(active, v_primal @ gramian, 0.0))
+    return v, lam
+
+
+BUCKET_MIN_SIZE = 40
+"""Systems of fewer unknowns are solved in one padded batch (measured: splitting costs more
+than the padding it saves at m = 64, and saves 15-20% on W2's Gramians at m = 256)."""
+
+
+def _bucketed_face_solve(
+    gramian: Tensor, inverse: Tensor, lower: Tensor, active: Tensor, sizes: Tensor, pair: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`_face_solve` (CPU, eager) with the rows split in two by system size when that
+    saves padding: the ``[k, s, s]`` gathers and factorisations cost about ``k s^2`` memory
+    traffic, so rows whose systems are much smaller than the largest are solved apart (the
+    split point minimises ``k_1 s_1^2 + k_2 s_2^2``). Same result as one padded batch."""
+    k = lower.shape[0]
+    largest = int(sizes.amax())
+    if k < 16 or largest < BUCKET_MIN_SIZE:  # small systems: the second call costs more
+        return _face_solve(gramian, inverse, lower, active, largest, pair)
+    ordered, _ = torch.sort(sizes)
+    counts = torch.arange(1, k + 1, dtype=torch.float64)  # rows with size <= ordered[i]
+    cost = counts * ordered.double() ** 2 + (k - counts) * float(largest) ** 2
+    best = int(torch.argmin(cost))
+    split = int(ordered[best])
+    if float(cost[best]) > 0.8 * k * float(largest) ** 2 or split >= largest:
+        return _face_solve(gramian, inverse, lower, active, largest, pair)
+    small = sizes <= split
+    v, lam = torch.empty_like(lower), torch.empty_like(lower)
+    for rows, size in ((small, split), (~small, largest)):
+        v[rows], lam[rows] = _face_solve(gramian, inverse, lower[rows], active[rows], size, pair)
     return v, lam
 
 
@@ -324,13 +358,14 @@ def try_pivoting(
     v = lower
     for _ in range(max_steps):
         n_active = active.sum(-1)
-        size = int(torch.minimum(n_active, m - n_active).amax())  # CPU: no sync
+        sizes = torch.minimum(n_active, m - n_active)
+        size = int(sizes.amax())  # CPU: no sync
         if max_size is not None and size > max_size:
             break
         if inverse is None:  # factorised only once pivoting is sure to run
             inverse = torch.cholesky_inverse(torch.linalg.cholesky_ex(gramian)[0])
             pair = extended_pair(gramian, inverse)
-        v, lam = _face_solve(gramian, inverse, bounds, active, size, pair)
+        v, lam = _bucketed_face_solve(gramian, inverse, bounds, active, sizes, pair)
         bad = _infeasible(v, lam, bounds, active, gramian_scale)
         done = ~bad.any(-1)
         out[rows[done]] = torch.maximum(v[done], bounds[done])

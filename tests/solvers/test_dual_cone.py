@@ -269,3 +269,27 @@ def test_regression_fixed_budget_mprgp_was_silently_inexact() -> None:
     # The fixed budget's 1e-4 error shows on AVX-512 MKL, not under MKL_CBWR=COMPATIBLE (float
     # order decides where it stops): no assertion on it, only on the exact solver.
     assert _rel_err(project_weights(U, G).sum(0), ref) <= 1e-12
+
+
+def test_bucketed_face_solve_equals_one_padded_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows split by system size (W2-like: most systems small, a few large) give the same
+    ``v`` and ``lambda`` as one batch padded to the largest system, and the split happens."""
+    m, k = 96, 64
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(m, 2 * m, generator=g, dtype=F64)
+    G = regularize(normalize(J @ J.T, 1e-300), 1e-4)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(G))
+    lower = torch.randn(k, m, generator=g, dtype=F64)
+    n_free = torch.where(torch.arange(k) < 48, 2, 46)  # 48 rows with 2 free, 16 with 46
+    scores = torch.rand(k, m, generator=g)
+    active = scores.argsort(-1).argsort(-1) >= n_free[:, None]
+    sizes = torch.minimum(active.sum(-1), m - active.sum(-1))
+    pair = active_set.extended_pair(G, inverse)
+    calls = []
+    face_solve = active_set._face_solve
+    monkeypatch.setattr(active_set, "_face_solve", lambda *a: calls.append(a[4]) or face_solve(*a))
+    v, lam = active_set._bucketed_face_solve(G, inverse, lower, active, sizes, pair)
+    assert sorted(calls) == [2, 46]
+    v_ref, lam_ref = face_solve(G, inverse, lower, active, int(sizes.max()), pair)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-12, atol=1e-12)
