@@ -324,11 +324,13 @@ def check_sharded(params: Sequence[Tensor], engine: object, mode: str) -> None:
             "layer-wise engine (per-sample losses: model= and batch_dim=) and the Jacobian "
             f"engine (with model=); got {engine!r}. Use DDP for the other engines."
         )
-    if generic:
+    if generic or getattr(engine, "_vmapped", None):
+        # The generic per-module rule (vmap of the module's own vjp) does not run on DTensors.
+        names = [k for k, v in engine.report().items() if v.startswith(("generic", "vmap"))]  # type: ignore[attr-defined]
         raise TypeError(
             "With sharded (DTensor) parameters every parameter must sit in a layer the "
             "layer-wise engine covers (Linear, Conv1d/2d, Embedding, norms); these are not: "
-            f"{sorted(k for k, v in engine.report().items() if v == 'generic')}."  # type: ignore[attr-defined]
+            f"{sorted(names)}."
         )
 
 

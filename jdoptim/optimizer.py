@@ -105,7 +105,8 @@ class JDOptimizer(torch.optim.Optimizer):
         sequence-first model for ``batch_dim=1``); for a batch-first model with ``[K, B]``
         losses pass ``engine=LayerwiseGramianEngine(model, batch_dim=0)`` and ``batch_dim=1``.
     :param chunk_size: rows of the Jacobian per backward pass for the Jacobian engine (``None``:
-        all at once; ``1``: no ``vmap``).
+        all at once; ``1``: no ``vmap``); for the layer-wise engine, samples per ``vmap`` chunk of
+        its generic per-module rule.
     :param nonfinite: what to do when the losses or the Gramian hold NaN/inf: ``"raise"``
         (default; :class:`~jdoptim.NonFiniteError`, parameters, gradients and optimizer state
         untouched), ``"skip"`` (same, but the step is skipped silently and counted in

@@ -64,7 +64,7 @@ def resolve_engine(
         return engine
     if engine == "auto":
         if batch_dim is not None and model is not None and not needs_jacobian:
-            return LayerwiseGramianEngine(model, batch_dim=batch_dim)
+            return LayerwiseGramianEngine(model, batch_dim=batch_dim, chunk_size=chunk_size)
         return JacobianEngine(chunk_size=chunk_size)
     if engine == "layerwise":
         if model is None:
@@ -74,7 +74,8 @@ def resolve_engine(
                 "The layer-wise engine does not materialise the Jacobian, which this aggregator "
                 "needs."
             )
-        return LayerwiseGramianEngine(model, batch_dim=0 if batch_dim is None else batch_dim)
+        bd = 0 if batch_dim is None else batch_dim
+        return LayerwiseGramianEngine(model, batch_dim=bd, chunk_size=chunk_size)
     if engine not in _ENGINES:
         raise ValueError(
             f"Unknown engine {engine!r}; expected 'auto', one of {available_engines()} or a "

@@ -37,13 +37,21 @@ compares the memory of per-sample *norms*; a Gramian also needs the cross-sample
 ghost cost grows as :math:`(BT)^2`.) For ``nn.Embedding`` with ``V`` rows: ghost
 :math:`(BT)^2 + (BKT)^2(p+1)`, materialised :math:`(BK)^2 Vp + 2BKVp`.
 
-**Exactness and fallbacks.** Parameters that no rule covers are differentiated exactly by a
-batched vector-Jacobian product of the losses (``torch.autograd.grad(..., is_grads_batched=
-True)``, the per-sample gradients of those parameters only): parameters of modules of other
-types, of a covered module called on something that is not batched along ``batch_dim``, and of
-modules that are never called. ``nn.MultiheadAttention`` (its ``out_proj`` included) and
+**Exactness and fallbacks.** ``nn.MultiheadAttention`` (its ``out_proj`` included) and
 ``nn.RNN``/``GRU``/``LSTM`` have module rules (:mod:`jdoptim.gramian._modules`): one batched
-recomputation of the module exposes its linear maps. A module called several times (shared /
+recomputation of the module exposes its linear maps. Any other module that owns parameters
+(``x * self.scale``, ``x + self.pos``, ``nn.PReLU``, ``nn.Bilinear``, a custom attention) has
+the generic per-module rule (:mod:`jdoptim.gramian._permodule`): a ``vmap`` over the batch of the
+module's own vector-Jacobian product gives the per-sample gradients of its direct parameters
+(about one forward + backward of the module), after checking that the module is per-sample
+separable. Parameters that no rule covers are differentiated exactly by a batched
+vector-Jacobian product of the losses through the whole model (``torch.autograd.grad(...,
+is_grads_batched=True)``, the per-sample gradients of those parameters only, about one backward
+per sample): parameters of a covered module called on something that is not batched along
+``batch_dim``, of modules that are never called, of parametrised or pruned modules, and of a
+module that the generic rule gave up on (it mixes samples, or ``vmap`` fails on it; a module
+found to mix samples sends *every* parameter to this fallback, since the rules of the layers
+before it assume separable losses). A module called several times (shared /
 tied layers) sums its calls: positions are concatenated, so the cross terms between calls are
 exact; a parameter reached through different rules (an embedding tied to a linear head) is
 materialised.
@@ -58,9 +66,11 @@ module's calls (``F.linear(x, emb.weight)``), found from the autograd graph in e
 the last eager :meth:`~LayerwiseGramianEngine.compute` is used).
 
 Limits: modules that mix samples make per-sample losses non-separable:
-``BatchNorm*`` with batch statistics raises, other mixing (attention across the batch, a
-``x - x.mean(0)``) cannot be detected. Module outputs must not be modified in place (e.g.
-``ReLU(inplace=True)`` right after a ``Linear``): that raises, unless ``clone_outputs=True``.
+``BatchNorm*`` with batch statistics raises, a module with parameters of its own under the
+generic rule is checked (see above), other mixing (attention across the batch, a
+``x - x.mean(0)`` between layers) cannot be detected. Module outputs must not be modified in
+place (e.g. ``ReLU(inplace=True)`` right after a ``Linear``): that raises, unless
+``clone_outputs=True``.
 """
 
 from __future__ import annotations
@@ -92,6 +102,7 @@ from ._layers import (
     rule_for,
 )
 from ._modules import ModuleRule, Saved, module_rule_for
+from ._permodule import VmapRule, check_tolerance, host_readable
 from ._scale import gram_shift
 
 if TYPE_CHECKING:
@@ -238,6 +249,8 @@ class LayerwiseGramianEngine(GramianEngine):
     :param clone_outputs: hand a copy of each hooked module's output to the rest of the model, so
         that in-place operations on it (``ReLU(inplace=True)``) do not invalidate the stored
         output (costs one copy per output).
+    :param chunk_size: samples per ``vmap`` chunk of the generic per-module rule (``None``: the
+        whole batch at once); bounds its memory to ``chunk_size`` per-sample recomputations.
 
     **Losses.** :meth:`compute` takes losses whose dimension ``batch_dim`` has size ``B`` (the
     batch size of the hooked layers) and whose other dimensions are ``K`` losses per sample
@@ -291,6 +304,7 @@ class LayerwiseGramianEngine(GramianEngine):
         batch_dim: int = 0,
         strategy: Strategy = "auto",
         clone_outputs: bool = False,
+        chunk_size: int | None = None,
     ) -> None:
         if not modules:
             raise ValueError("LayerwiseGramianEngine needs at least one module to hook.")
@@ -298,6 +312,17 @@ class LayerwiseGramianEngine(GramianEngine):
             raise ValueError(f"`batch_dim` should be a non-negative int, but got {batch_dim!r}.")
         if strategy not in _STRATEGIES:
             raise ValueError(f"`strategy` should be one of {_STRATEGIES}, but got {strategy!r}.")
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
+            raise ValueError(f"`chunk_size` should be None or a positive int, got {chunk_size!r}.")
+        self.chunk_size = chunk_size
+        self._vmap_rule = VmapRule(batch_dim, chunk_size)
+        # Modules the generic per-module rule gave up on (name -> reason), kept for later steps.
+        self._vmap_failed: dict[str, str] = {}
+        self._replaying = False  # inside the generic rule's recomputation: hooks record nothing
+        self._vmapped: set[int] = set()  # engine indices of the parameters it claims
+        self._mixing: set[str] = set()  # modules it found to mix samples (all take the fallback)
         self.batch_dim = batch_dim
         self.strategy = strategy
         self.clone_outputs = clone_outputs
@@ -319,6 +344,12 @@ class LayerwiseGramianEngine(GramianEngine):
                     continue
                 seen.add(id(module))
                 self._hook(name or type(module).__name__, module)
+        # Parameters that only the generic per-module rule claims (its first-order check).
+        owners: dict[int, int] = {}
+        for info in self._infos:
+            for i in set(info.pidx.values()):
+                owners[i] = owners.get(i, 0) + 1
+        self._vmap_only = frozenset(i for i in self._vmapped if owners.get(i) == 1)
         # The hooks hold the engine only weakly, so the model does not keep it alive; once it is
         # gone (e.g. with the JDOptimizer that built it), this finalizer unhooks the model.
         weakref.finalize(self, remove_handles, self._handles)
@@ -341,6 +372,12 @@ class LayerwiseGramianEngine(GramianEngine):
         if not direct and not can_mix:
             return
         rule = rule_for(module)
+        if rule is GENERIC and not can_mix:
+            names = self._vmap_rule.claims(module)
+            if names is not None:  # the generic per-module rule (see _permodule)
+                self._vmapped.update(pidx.values())
+                self._hook_module(name, module, self._vmap_rule, names)
+                return
         info = _Info(name, module, rule, pidx)
         self._infos.append(info)
         if rule is GENERIC:
@@ -358,7 +395,7 @@ class LayerwiseGramianEngine(GramianEngine):
 
     def _record_call(self, info: _Info, module: nn.Module, args: tuple, output: object) -> object:
         """The forward hook of a layer claimed by a layer rule (see :meth:`_make_hook`)."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._replaying:
             return None
         self._note_eager()
         if mixes_samples(module):
@@ -407,12 +444,13 @@ class LayerwiseGramianEngine(GramianEngine):
         output: object,
     ) -> None:
         """The forward hook of a module claimed by a module rule (see :meth:`_hook_module`)."""
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self._replaying:
             return None
         self._note_eager()
         same = all(module.get_parameter(n) is p for n, p in claimed.items())
         saved = None
-        if same and exact_call(module, info.cls, info.params, info.hook):
+        ok = info.name not in self._vmap_failed
+        if ok and same and exact_call(module, info.cls, info.params, info.hook):
             saved = rule.save(module, args, kwargs, output)
         if saved is None:
             self._records.append(_Inexact(info))
@@ -440,7 +478,7 @@ class LayerwiseGramianEngine(GramianEngine):
         """``copy.deepcopy`` and ``pickle``: a new engine on the (copied) modules, hooked anew
         (what a copied model carries of this engine's hooks is inert, see ``_hooks``)."""
         kwargs = {"batch_dim": self.batch_dim, "strategy": self.strategy,
-                  "clone_outputs": self.clone_outputs}  # fmt: skip
+                  "clone_outputs": self.clone_outputs, "chunk_size": self.chunk_size}  # fmt: skip
         return (rebuild_engine, (type(self), self._roots, kwargs))
 
     def reset(self) -> None:
@@ -448,6 +486,7 @@ class LayerwiseGramianEngine(GramianEngine):
         pass that is not followed by one)."""
         self._records = []
         self._eager_calls = False
+        self._replaying = False
 
     # ------------------------------------------------------------------------------ compute
 
@@ -492,35 +531,47 @@ class LayerwiseGramianEngine(GramianEngine):
         return Dims(B=B, K=losses.numel() // B, batch_dim=layer_dim, loss_dim=bd)
 
     def _output_grads(
-        self, losses: Tensor, outputs: list[Tensor], dims: Dims, bdims: list[int]
+        self,
+        losses: Tensor,
+        outputs: list[Tensor],
+        dims: Dims,
+        bdims: list[int],
+        extra: Sequence[Tensor] = (),
     ) -> list[Tensor | None]:
         """:math:`\\partial L_{\\cdot k} / \\partial y` for every stored output, as
         ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when ``K > 1``);
-        ``bdims`` holds each output's batch dimension."""
+        ``bdims`` holds each output's batch dimension. Then, for each of ``extra`` (parameters),
+        :math:`\\sum_b \\partial L_{bk} / \\partial \\theta` as ``[K, n]`` (same backward)."""
         if not outputs:
             return []
         ld = dims.loss_dim
+        n = len(outputs)
         if dims.K == 1:
-            grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
-            return [
+            grads = torch.autograd.grad(
+                losses.sum(), [*outputs, *extra], retain_graph=True, allow_unused=True
+            )
+            out: list[Tensor | None] = [
                 None if g is None else g.movedim(bd, 0).unsqueeze(1)
-                for g, bd in zip(grads, bdims, strict=True)
+                for g, bd in zip(grads[:n], bdims, strict=True)
             ]
+            return out + [None if g is None else _dense(g).reshape(1, -1) for g in grads[n:]]
         moved = losses.movedim(ld, 0)
         eye = torch.eye(dims.K, dtype=losses.dtype, device=losses.device)
         E = eye[:, None, :].expand(dims.K, dims.B, dims.K).reshape(dims.K, *moved.shape)
         E = E.movedim(1, ld + 1)
         grads = torch.autograd.grad(
             losses,
-            outputs,
+            [*outputs, *extra],
             grad_outputs=E,
             retain_graph=True,
             allow_unused=True,
             is_grads_batched=True,
         )
-        return [
-            None if g is None else g.movedim(bd + 1, 0) for g, bd in zip(grads, bdims, strict=True)
+        out = [
+            None if g is None else g.movedim(bd + 1, 0)
+            for g, bd in zip(grads[:n], bdims, strict=True)
         ]
+        return out + [None if g is None else _dense(g).reshape(dims.K, -1) for g in grads[n:]]
 
     def _fallback(
         self, losses: Tensor, params: list[Tensor], dims: Dims, retain_graph: bool
@@ -568,6 +619,7 @@ class LayerwiseGramianEngine(GramianEngine):
                 losses, params, retain_graph=retain_graph, batch_dim=batch_dim
             )
         self._eager_calls = False
+        self._replaying = False  # (a recomputation that raised under torch.compile)
         # Empty the list in place: under torch.compile a new list would leave the old one, with
         # the tensors of this step, to be rebuilt as graph outputs.
         records = list(self._records)
@@ -644,6 +696,8 @@ class LayerwiseGramianEngine(GramianEngine):
             outside = used_outside([losses], uses)
             self._outside = frozenset(i for i in covered if id(self._params[i]) in outside)
         covered -= self._outside
+        if self._mixing:  # a module was found to mix samples: no rule applies (see below)
+            covered = set()
 
         def want(i: int) -> bool:
             return i in covered
@@ -655,10 +709,48 @@ class LayerwiseGramianEngine(GramianEngine):
         for r in mvalid:
             outs += r.saved.outputs
             bdims += r.saved.out_dims
-        deltas = self._output_grads(losses, outs, dims, bdims)
+        # Parameters that only the generic per-module rule claims: their batched gradients come
+        # from the same backward, for its first-order check (see _permodule).
+        checked = list(
+            dict.fromkeys(
+                i
+                for r in mvalid
+                if isinstance(r.info.rule, VmapRule)
+                for i in r.info.pidx.values()
+                if want(i) and i in self._vmap_only
+            )
+        )
+        deltas = self._output_grads(losses, outs, dims, bdims, [self._params[i] for i in checked])
+        totals = dict(zip(checked, deltas[len(outs) :], strict=True))
         dtype = accumulation_dtype(losses.dtype, *(o.dtype for o in outs))
 
-        factors: list[Factor] = []
+        # The generic per-module rule first: a call whose check fails sends its module's
+        # parameters to the fallback, and the other rules must then leave them alone too.
+        pos = len(valid)
+        vmapped: list[PerSample] = []
+        late: set[int] = set()
+        for r in mvalid:
+            n = len(r.saved.outputs)
+            Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
+            pos += n
+            if isinstance(r.info.rule, VmapRule) and any(D is not None for D in Ds):
+                grads = self._vmap_grads(r, Ds, dims, want, dtype)
+                if grads is None:
+                    late.update(r.info.pidx.values())
+                else:
+                    vmapped.append(PerSample(grads))
+        if late:
+            covered -= late
+            vmapped = [PerSample({i: g for i, g in f.grads.items() if i not in late})
+                       for f in vmapped]  # fmt: skip
+        vmapped = self._check_sums(vmapped, totals, mvalid)
+        if self._mixing:
+            # A module mixes samples, so the losses are not per-sample separable and the rules
+            # of the layers before it would be wrong too: everything takes the exact fallback.
+            covered.clear()
+            valid, mvalid, vmapped = [], [], []
+
+        factors: list[Factor] = list(vmapped)
         for r, D in zip(valid, deltas, strict=False):
             if D is not None:
                 D = D.to(dtype)
@@ -668,7 +760,7 @@ class LayerwiseGramianEngine(GramianEngine):
             n = len(r.saved.outputs)
             Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
             pos += n
-            if any(D is not None for D in Ds):
+            if any(D is not None for D in Ds) and not isinstance(r.info.rule, VmapRule):
                 rule: ModuleRule = r.info.rule  # type: ignore[assignment]
                 factors += rule.factors(r.info.module, r.info.pidx, r.saved, Ds, dims, want)
 
@@ -694,6 +786,126 @@ class LayerwiseGramianEngine(GramianEngine):
         )
         result.gramian_exponent = 2 * shift
         return result
+
+    def _check_sums(
+        self,
+        vmapped: list[PerSample],
+        totals: dict[int, Tensor | None],
+        records: list[_ModuleRecord],
+    ) -> list[PerSample]:
+        """The generic rule's first-order check: per parameter, the per-sample gradients
+        summed over the batch (and over the module's calls) must equal the batched gradient of
+        the losses (``totals``), in Euclidean norm up to ``tol`` times the sum of the per-sample
+        norms. Eager on the CPU: on a mismatch the owning modules are marked as mixing samples
+        (everything takes the fallback); elsewhere: NaN, no host read."""
+        sums: dict[int, Tensor] = {}
+        scales: dict[int, Tensor] = {}
+        for f in vmapped:
+            for i, J in f.grads.items():
+                if i in totals:
+                    # In norm (two passes over J): |sum_b g_b - g| <= tol * sum_b |g_b|, per loss.
+                    s, a = J.sum(0), torch.linalg.vector_norm(J, dim=-1).sum(0)
+                    sums[i] = s if i not in sums else sums[i] + s
+                    scales[i] = a if i not in scales else scales[i] + a
+        if not sums:
+            return vmapped
+        flags = []
+        for i, s in sums.items():
+            total = totals[i]
+            diff = s if total is None else s - total.to(s.dtype)
+            tol = check_tolerance(self._params[i].dtype)
+            flags.append((torch.linalg.vector_norm(diff, dim=-1) > tol * scales[i]).any())
+        bad = torch.stack(flags).any()
+        if host_readable(bad):
+            # Eager on the CPU only: one host read of the check.
+            if bool(bad):
+                failed = {i for i, flag in zip(sums, flags, strict=True) if bool(flag)}
+                names = {r.info.name for r in records if set(r.info.pidx.values()) & failed}
+                for name in names:
+                    self._vmap_failed[name] = (
+                        "per-sample gradients do not sum to the batch gradient: the module "
+                        "mixes samples (or a parameter is used outside it), every parameter "
+                        "takes the fallback"
+                    )
+                self._mixing.update(names)
+            return vmapped
+        return [
+            PerSample({i: torch.where(bad, J.new_full((), float("nan")), J)
+                       for i, J in f.grads.items()})
+            for f in vmapped
+        ]  # fmt: skip
+
+    def _vmap_grads(
+        self, r: _ModuleRecord, Ds: list[Tensor | None], dims: Dims, want, dtype: torch.dtype
+    ) -> dict[int, Tensor] | None:
+        """Per-sample gradients of a call handled by the generic per-module rule (see
+        :mod:`jdoptim.gramian._permodule`), or ``None`` when its parameters must take the
+        fallback (the verdict is kept for later steps)."""
+        info = r.info
+        rule: VmapRule = info.rule  # type: ignore[assignment]
+        names = [n for n, i in info.pidx.items() if want(i)]
+        if not names:
+            return {}
+        if torch.compiler.is_compiling():
+            self._replaying = True
+            grads, bad = rule.gradients(info.module, names, r.saved, Ds, dims)
+            self._replaying = False
+        else:
+            self._replaying = True
+            try:
+                grads, bad = rule.gradients(info.module, names, r.saved, Ds, dims)
+            except Exception as e:  # noqa: BLE001 (eager: any vmap failure takes the fallback)
+                message = " ".join(str(e).split())[:160]
+                self._vmap_failed[info.name] = f"vmap failed: {type(e).__name__}: {message}"
+                grads = None
+            finally:
+                self._replaying = False
+        if grads is None and torch.compiler.is_compiling():
+            # Outputs of other shapes (static): separability cannot be checked without a host
+            # read, so the Gramian is NaN (an eager step records the verdict instead).
+            return {
+                info.pidx[n]: torch.full(
+                    (dims.B, dims.K, info.module.get_parameter(n).numel()), float("nan"),
+                    dtype=dtype, device=r.saved.outputs[0].device,
+                )
+                for n in names
+            }  # fmt: skip
+        if grads is None:
+            reason = self._vmap_failed.setdefault(
+                info.name, "outputs of other shapes when recomputed per sample"
+            )
+            # Eager (host reads, once per module: the verdict is kept): does the module mix
+            # samples? Then the rules of the layers before it are wrong too: everything takes
+            # the fallback. (A random module cannot be checked; like nn.Dropout between layers,
+            # it is taken as per-sample.)
+            self._replaying = True
+            try:
+                verdict = rule.probe(info.module, r.saved)
+            finally:
+                self._replaying = False
+            if verdict == "mixing":
+                self._vmap_failed[info.name] = (
+                    f"{reason}; and calls on single samples do not give the batch's outputs: "
+                    "the module mixes samples, every parameter takes the fallback"
+                )
+                self._mixing.add(info.name)
+            elif verdict == "random":
+                self._vmap_failed[info.name] = f"{reason}; the module is random"
+            return None
+        if host_readable(bad):
+            # Eager on the CPU only: one host read of the separability check.
+            if bool(bad):
+                self._vmap_failed[info.name] = (
+                    "outputs differ when recomputed per sample: the module mixes samples, "
+                    "every parameter takes the fallback"
+                )
+                self._mixing.add(info.name)
+                return None
+        else:
+            # No host read: a failed check makes the Gramian NaN (the nonfinite policy).
+            nan = torch.full((), float("nan"), dtype=dtype, device=bad.device)
+            grads = [torch.where(bad, nan, g.to(dtype)) for g in grads]
+        return {info.pidx[n]: g.to(dtype) for n, g in zip(names, grads, strict=True)}
 
     @torch.compiler.disable
     def _compute_eagerly(
@@ -725,12 +937,26 @@ class LayerwiseGramianEngine(GramianEngine):
     def __repr__(self) -> str:
         return (
             f"LayerwiseGramianEngine(batch_dim={self.batch_dim}, strategy={self.strategy!r}, "
-            f"clone_outputs={self.clone_outputs})"
+            f"clone_outputs={self.clone_outputs}"
+            + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
+            + ")"
         )
 
     def report(self) -> dict[str, str]:
-        """Which rule handles each hooked module (``"generic"``: exact batched-vjp fallback)."""
-        return {info.name: info.rule.name for info in self._infos}
+        """Which rule handles each hooked module: ``"generic"`` is the exact batched-vjp
+        fallback through the whole model, ``"vmap"`` the generic per-module rule, and
+        ``"generic (reason)"`` a module that this rule gave up on (it mixes samples, or ``vmap``
+        failed on it)."""
+        out = {}
+        for info in self._infos:
+            reason = self._vmap_failed.get(info.name)
+            out[info.name] = info.rule.name if reason is None else f"generic ({reason})"
+        return out
+
+
+def _dense(g: Tensor) -> Tensor:
+    """A gradient as a strided tensor (a sparse one from ``F.embedding(..., sparse=True)``)."""
+    return g if g.layout == torch.strided else g.to_dense()
 
 
 def remove_handles(handles: list[RemovableHandle]) -> None:
