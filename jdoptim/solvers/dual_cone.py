@@ -76,23 +76,26 @@ def condition_bound(reg_eps: float) -> float:
 
 PIVOT_FIRST_STEPS = 8
 PIVOT_FIRST_MAX_M = 256
+PIVOT_FIRST_MIN_SIZE = 32
 """On the CPU, for ``m <= PIVOT_FIRST_MAX_M``, pivoting runs first, for at most
 ``PIVOT_FIRST_STEPS`` steps and while every system has at most :func:`pivot_first_size`
-unknowns. Per-sample Gramians (W2) keep systems of m/6 to m/4 unknowns and finish in 2-5 steps,
-faster than MPRGP (measured at m = 64: 1.7 vs 3.2 ms; m = 256: 57 vs 89 ms); Gramians whose
-systems reach m/3 to m/2 (strong conflicts, Pareto-stationary, Gaussian rows) go to MPRGP, which
-is faster there (the batched factorisations of ``k`` systems of size ``m/2`` are memory-bound on
-the CPU: 80-100 ms a step at m = 256)."""
+unknowns; the rows left go to MPRGP. Measured (2026-11-30, 1 thread, median ms per
+``UPGradWeighting`` call, pivoting first vs MPRGP first): systems of up to 32 unknowns are
+cheaper to pivot on (m = 32: 1.9 vs 2.4-2.9 on W4/W5's per-sample Gramians, 2.0-2.8 vs 2.3-4.4 on
+the test bank's families; m = 64: 5.4-7.7 vs 7.6-10.7, except Gaussian rows 5.6 vs 4.7); larger
+ones only when they stay below about m/4 (W2 at m = 256: 47 vs 81), since the batched
+factorisations of ``k`` systems of size ``m/2`` are memory-bound on the CPU (80-100 ms a step at
+m = 256, where MPRGP takes 40-250 ms)."""
 
 
 def pivot_first_size(m: int) -> int:
     """Largest system pivoting may solve before handing over to MPRGP (see
-    :data:`PIVOT_FIRST_MAX_M`): ``max(4, 2m // 7)``.
+    :data:`PIVOT_FIRST_MAX_M`): ``max(PIVOT_FIRST_MIN_SIZE, 2m // 7)``.
 
     >>> pivot_first_size(64), pivot_first_size(256)
-    (18, 73)
+    (32, 73)
     """
-    return max(4, 2 * m // 7)
+    return max(PIVOT_FIRST_MIN_SIZE, 2 * m // 7)
 
 
 MPRGP_FIRST_TOL = 1e-13
