@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._kernels import linear_gram_kernel
-from ._scale import exponent, pow2
+from ._scale import exponent, known_zero, pow2
 
 _RMSNorm = getattr(nn, "RMSNorm", nn.LayerNorm)
 
@@ -85,7 +85,7 @@ class PerSample:
         G = None
         for J in self.grads.values():
             J = J.reshape(BK, -1)
-            if shift is not None:
+            if not known_zero(shift):  # eager CPU: skip the pass that multiplies by 1
                 J = J * pow2(-shift, J.dtype)
             G = J @ J.mT if G is None else torch.addmm(G, J, J.mT)
         assert G is not None
@@ -272,7 +272,7 @@ class EmbeddingFactor:
         B, K, T, p = self.D.shape
         flat = self.idx.reshape(B * T)
         same = (flat[:, None] == flat[None, :]).to(self.D.dtype)
-        D = self.D if shift is None else self.D * pow2(-shift, self.D.dtype)
+        D = self.D if known_zero(shift) else self.D * pow2(-shift, self.D.dtype)
         Df = D.reshape(B * K * T, p)
         prod = (Df @ Df.mT).reshape(B, K, T, B, K, T) * same.reshape(B, 1, T, B, 1, T)
         return prod.sum(dim=(2, 5))

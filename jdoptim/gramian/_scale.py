@@ -93,3 +93,20 @@ def pow2(e: Tensor, dtype: torch.dtype) -> Tensor:
     """
     lo, hi = round(math.log2(torch.finfo(dtype).tiny)), _maxexp(dtype) - 1
     return torch.ldexp(torch.ones((), dtype=dtype, device=e.device), e.clamp(lo, hi))
+
+
+def known_zero(shift: Tensor | None) -> bool:
+    """Whether ``shift`` is certainly 0 without a host-device synchronisation: ``None``, or an
+    eager CPU tensor equal to 0 (reading a CPU tensor is free). Compiled and accelerator code
+    always gets ``False``, so a caller that skips a multiplication by ``2**-shift = 1`` on
+    ``True`` keeps both its result and its graph.
+
+    >>> known_zero(torch.tensor(0, dtype=torch.int32)), known_zero(torch.tensor(3))
+    (True, False)
+    """
+    if shift is None:
+        return True
+    if torch.compiler.is_compiling() or shift.device.type != "cpu":
+        return False
+    return int(shift) == 0  # eager CPU only: no device to synchronise with
+
