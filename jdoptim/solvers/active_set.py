@@ -37,11 +37,12 @@ leaves an exact solution unchanged and otherwise converges at a rate that holds 
 the ridge allows (see there).
 
 **Where it runs.** On the CPU (:func:`solve_cpu`) host reads are free: the pivoting runs until
-every row is done (converged rows leave the batch; systems are padded to the largest one of
-the iteration), and only rows still undone after :func:`pivot_limit` steps (never seen in the
-tests) go to the polish, which stops once its error certificate is met. On an accelerator
-(:func:`solve_fixed`) nothing is read back: :func:`accelerator_pivots` pivoting steps with
-systems padded to :math:`\lfloor m/2 \rfloor`, then the polish for its full proven budget.
+every row is done (converged rows leave the batch; the others are solved in one or two batches
+by system size, each padded to its largest system), and only rows still undone after
+:func:`pivot_limit` steps (never seen in the tests) go to the polish, which stops once its
+error certificate is met. On an accelerator (:func:`solve_fixed`) nothing is read back:
+:func:`accelerator_pivots` pivoting steps with systems padded to :math:`\lfloor m/2 \rfloor`,
+then the polish for its full proven budget.
 """
 
 from __future__ import annotations
@@ -322,9 +323,10 @@ def solve_cpu(
     gramian: Tensor, lower: Tensor, mu: float, kappa: float, init: Tensor | None = None
 ) -> Tensor:
     """The CPU solve (eager; reads row counts and flags from tensors, free on the CPU): pivot
-    until every row is done, converged rows leaving the batch and systems padded to the
-    largest of the iteration; rows undone after :func:`pivot_limit` steps are polished
-    (:func:`apg_polish`, stopping at its certificate). Same arguments as :func:`solve_fixed`."""
+    until every row is done, converged rows leaving the batch (see
+    :func:`_bucketed_face_solve` for the padding); rows undone after :func:`pivot_limit`
+    steps are polished (:func:`apg_polish`, stopping at its certificate). Same arguments as
+    :func:`solve_fixed`."""
     out, undone, start = try_pivoting(gramian, lower, init, pivot_limit(lower.shape[-1]))
     if bool(undone.any()):
         # Undone after the limit (finite pivoting can in theory take exponentially many steps).
