@@ -334,6 +334,46 @@ def solve_cpu(
     return out
 
 
+@eager_compiled
+def pivot_padded(
+    gramian: Tensor, lower: Tensor, init: Tensor | None, n_steps: int
+) -> tuple[Tensor, Tensor]:
+    """At most ``n_steps`` pivoting steps with every system padded to ``m // 2`` and every row
+    kept in the batch (done rows stop changing): one compiled kernel for the whole loop, which
+    stops once every row is done (CPU; see :func:`~jdoptim.solvers._loop.bounded_loop`).
+    Returns the solution on the rows that are done and the ``[k]`` mask of the rows that are
+    not (their first entry is then the last face solution, clamped to the bounds: hand them
+    to :func:`solve_cpu`). For small ``m`` (measured: 2-3.5x faster than :func:`try_pivoting`
+    at m = 8-32, whose time is per-operation dispatch there); the same steps as
+    :func:`try_pivoting`, so the same result."""
+    k, m = lower.shape
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky_ex(gramian)[0])
+    pair = extended_pair(gramian, inverse)
+    gramian_scale = gramian.abs().amax()
+    active = initial_active(gramian, lower, init)
+    best = torch.full((k, 1), m + 1, dtype=torch.int64, device=lower.device)
+    tries = torch.full((k, 1), BLOCK_TRIES, dtype=torch.int64, device=lower.device)
+    undone = torch.ones(k, 1, dtype=torch.bool, device=lower.device)
+    done = torch.zeros((), dtype=torch.bool, device=lower.device)
+
+    def body(
+        v: Tensor, active: Tensor, best: Tensor, tries: Tensor, undone: Tensor, done: Tensor
+    ) -> tuple[Tensor, ...]:
+        v_new, lam = _face_solve(gramian, inverse, lower, active, m // 2, pair)
+        bad = _infeasible(v_new, lam, lower, active, gramian_scale)
+        v = torch.where(undone, v_new, v)
+        undone = undone & bad.any(-1, keepdim=True)
+        next_active, next_best, next_tries = _exchange(active, bad, best, tries)
+        active = torch.where(undone, next_active, active)
+        best = torch.where(undone, next_best, best)
+        tries = torch.where(undone, next_tries, tries)
+        return v, active, best, tries, undone, ~undone.any()
+
+    carry = (lower.clone(), active, best, tries, undone, done)
+    v, _, _, _, undone, _ = bounded_loop(n_steps, body, carry, done_index=5)
+    return torch.maximum(v, lower), undone.squeeze(-1)
+
+
 def try_pivoting(
     gramian: Tensor,
     lower: Tensor,

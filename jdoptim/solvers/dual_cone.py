@@ -40,7 +40,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .active_set import POLISH_RTOL, certify, solve_cpu, solve_fixed, try_pivoting
+from .active_set import (
+    POLISH_RTOL,
+    certify,
+    pivot_limit,
+    pivot_padded,
+    solve_cpu,
+    solve_fixed,
+    try_pivoting,
+)
 from .mprgp import mprgp_solve
 from .normalization import normalize, regularize, trace_threshold
 
@@ -98,6 +106,11 @@ def pivot_first_size(m: int) -> int:
     return max(PIVOT_FIRST_MIN_SIZE, 2 * m // 7)
 
 
+PADDED_PIVOT_MAX_M = 32
+"""On the CPU, for ``m <= PADDED_PIVOT_MAX_M`` the whole pivoting runs as one compiled loop with
+systems padded to ``m // 2`` (:func:`~jdoptim.solvers.active_set.pivot_padded`); measured,
+2-3.5x faster than the eager pivoting at m = 8-32, where per-operation dispatch dominates."""
+
 MPRGP_FIRST_TOL = 1e-13
 """Early exit of the MPRGP first phase on the CPU (projected gradient relative to ``max|u|``),
 tight enough for most rows to pass :func:`~jdoptim.solvers.active_set.certify`."""
@@ -116,6 +129,11 @@ def _dual_cone_cpu(
         # Pivoting first while its systems stay small (then it beats MPRGP); MPRGP, the
         # certificate and pivoting for the rows it leaves.
         m = lower.shape[-1]
+        if m <= PADDED_PIVOT_MAX_M:  # one compiled loop: small m is dispatch-bound
+            x, undone = pivot_padded(gramian, lower, init, pivot_limit(m))
+            if bool(undone.any()):  # never seen: finite pivoting, then the proven polish
+                x[undone] = solve_cpu(gramian, lower[undone], mu, kappa, None)
+            return x.clone()
         steps = PIVOT_FIRST_STEPS if m <= PIVOT_FIRST_MAX_M else 0
         x, undone, _ = try_pivoting(gramian, lower, init, steps, pivot_first_size(m))
         if bool(undone.any()):

@@ -293,3 +293,33 @@ def test_bucketed_face_solve_equals_one_padded_batch(monkeypatch: pytest.MonkeyP
     v_ref, lam_ref = face_solve(G, inverse, lower, active, int(sizes.max()), pair)
     torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lam, lam_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_pivoting_matches_eager_pivoting(family: str) -> None:
+    """The compiled loop of small m (systems padded to m // 2, rows kept in the batch) takes
+    the same steps as the eager pivoting, hence the same solution."""
+    m = 12
+    J = make_family(family, m, 7, seed=5)
+    G_hat = regularize(normalize(J @ J.T, 1e-300), 1e-4)
+    U = torch.eye(m, dtype=F64)
+    padded, undone = active_set.pivot_padded(G_hat, U, None, active_set.pivot_limit(m))
+    eager, undone_eager, _ = active_set.try_pivoting(G_hat, U, None, active_set.pivot_limit(m))
+    assert not undone.any() and not undone_eager.any()
+    torch.testing.assert_close(padded, eager, rtol=0, atol=1e-13)
+
+
+def test_rows_left_by_padded_pivoting_are_finished_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one pivoting step allowed, rows are left undone; the CPU operator finishes them
+    (eager pivoting, then the proven polish) and still matches quadprog."""
+    J = make_family("strong", 10, 6, seed=2)
+    U = torch.eye(10, dtype=F64)
+    monkeypatch.setattr(dual_cone, "pivot_limit", lambda m: 1)
+    calls = []
+    solve_cpu = dual_cone.solve_cpu
+    monkeypatch.setattr(dual_cone, "solve_cpu", lambda *a: calls.append(1) or solve_cpu(*a))
+    W = project_weights(U, J @ J.T)
+    assert calls, "one step should leave rows undone"
+    assert _rel_err(W, project_weights(U, J @ J.T, solver="quadprog")) < 1e-9
