@@ -107,9 +107,19 @@ def pivot_first_size(m: int) -> int:
 
 
 PADDED_PIVOT_MAX_M = 32
-"""On the CPU, for ``m <= PADDED_PIVOT_MAX_M`` the whole pivoting runs as one compiled loop with
+"""On the CPU, for ``m <= PADDED_PIVOT_MAX_M`` and once the process has made
+:data:`PADDED_PIVOT_AFTER_CALLS` such calls, the whole pivoting runs as one compiled loop with
 systems padded to ``m // 2`` (:func:`~jdoptim.solvers.active_set.pivot_padded`); measured,
 2-3.5x faster than the eager pivoting at m = 8-32, where per-operation dispatch dominates."""
+
+PADDED_PIVOT_AFTER_CALLS = 1000
+"""Calls of the CPU solver with ``m <= PADDED_PIVOT_MAX_M`` that run the eager pivoting before
+the compiled loop takes over. Compiling the loop costs about 5 s once per process and saves
+0.3-1 ms a call, so it pays off only after several thousand calls: short scripts, tests and
+demos never compile it, long training runs do (the two take the same steps; results agree to
+rounding)."""
+
+_small_calls = [0]  # calls made so far with m <= PADDED_PIVOT_MAX_M (this process)
 
 MPRGP_FIRST_TOL = 1e-13
 """Early exit of the MPRGP first phase on the CPU (projected gradient relative to ``max|u|``),
@@ -129,7 +139,10 @@ def _dual_cone_cpu(
         # Pivoting first while its systems stay small (then it beats MPRGP); MPRGP, the
         # certificate and pivoting for the rows it leaves.
         m = lower.shape[-1]
-        if m <= PADDED_PIVOT_MAX_M:  # one compiled loop: small m is dispatch-bound
+        if m <= PADDED_PIVOT_MAX_M:
+            _small_calls[0] += 1
+        if m <= PADDED_PIVOT_MAX_M and _small_calls[0] > PADDED_PIVOT_AFTER_CALLS:
+            # One compiled loop: at small m the eager pivoting is dispatch-bound.
             x, undone = pivot_padded(gramian, lower, init, pivot_limit(m))
             if bool(undone.any()):  # never seen: finite pivoting, then the proven polish
                 x[undone] = solve_cpu(gramian, lower[undone], mu, kappa, None)

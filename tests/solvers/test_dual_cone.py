@@ -316,6 +316,7 @@ def test_rows_left_by_padded_pivoting_are_finished_exactly(
     (eager pivoting, then the proven polish) and still matches quadprog."""
     J = make_family("strong", 10, 6, seed=2)
     U = torch.eye(10, dtype=F64)
+    monkeypatch.setattr(dual_cone, "PADDED_PIVOT_AFTER_CALLS", 0)
     monkeypatch.setattr(dual_cone, "pivot_limit", lambda m: 1)
     calls = []
     solve_cpu = dual_cone.solve_cpu
@@ -323,3 +324,20 @@ def test_rows_left_by_padded_pivoting_are_finished_exactly(
     W = project_weights(U, J @ J.T)
     assert calls, "one step should leave rows undone"
     assert _rel_err(W, project_weights(U, J @ J.T, solver="quadprog")) < 1e-9
+
+
+def test_compiled_pivoting_takes_over_after_the_warm_up_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small m: the eager pivoting for the first PADDED_PIVOT_AFTER_CALLS calls of a process
+    (nothing to compile for short runs), the compiled loop after them; same weights."""
+    J = make_family("weak", 9, 5, seed=4)
+    U = torch.eye(9, dtype=F64)
+    monkeypatch.setattr(dual_cone, "PADDED_PIVOT_AFTER_CALLS", 2)
+    monkeypatch.setattr(dual_cone, "_small_calls", [0])
+    calls = []
+    padded = dual_cone.pivot_padded
+    monkeypatch.setattr(dual_cone, "pivot_padded", lambda *a: calls.append(1) or padded(*a))
+    W = [project_weights(U, J @ J.T) for _ in range(3)]
+    assert len(calls) == 1  # the third call only
+    torch.testing.assert_close(W[2], W[0], rtol=0, atol=1e-13)
