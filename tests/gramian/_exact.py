@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jdoptim.gramian import GramianResult
+from jdoptim.gramian import GramianResult, LayerwiseGramianEngine
+
+
+def no_fallback(engine: LayerwiseGramianEngine) -> None:
+    """Make the engine's whole-model fallback raise: a rule must claim every parameter."""
+
+    def refuse(*args, **kwargs):
+        shapes = [tuple(p.shape) for p in args[1]]
+        raise AssertionError(f"the whole-model fallback ran for {shapes}")
+
+    engine._fallback = refuse  # type: ignore[method-assign]
 
 
 def _flat(grads: tuple[Tensor | None, ...] | list[Tensor | None], params: list[Tensor]) -> Tensor:

@@ -19,32 +19,18 @@ from jdoptim import JDOptimizer, NonFiniteError
 from jdoptim.aggregation import UPGradWeighting
 from jdoptim.gramian import LayerwiseGramianEngine, layerwise
 
-from ._exact import assert_matches_jacobian
+from ._exact import assert_matches_jacobian, no_fallback
 
 B, T, E = 5, 4, 6
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _no_fallback(engine: LayerwiseGramianEngine) -> None:
-    def refuse(*args, **kwargs):
-        shapes = [tuple(p.shape) for p in args[1]]
-        raise AssertionError(f"the whole-model fallback ran for {shapes}")
-
-    engine._fallback = refuse  # type: ignore[method-assign]
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def check(model: nn.Module, losses_fn, *, claimed: bool = True, **kw) -> LayerwiseGramianEngine:
     engine = LayerwiseGramianEngine(model, **kw)
     if claimed:
-        _no_fallback(engine)
+        no_fallback(engine)
     losses = losses_fn()
     params = [p for p in model.parameters() if p.requires_grad]
     result = engine.compute(losses, params, retain_graph=True)
@@ -439,7 +425,7 @@ def test_compile_fullgraph_matches_eager() -> None:
     model = nn.Sequential(Positional(), ScaleBias(), nn.Linear(E, 2))
     params = list(model.parameters())
     engine = LayerwiseGramianEngine(model)
-    _no_fallback(engine)
+    no_fallback(engine)
 
     def step(x: Tensor) -> Tensor:
         result = engine.compute(model(x).pow(2).sum((1, 2)), params)

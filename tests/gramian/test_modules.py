@@ -15,33 +15,18 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from jdoptim.gramian import LayerwiseGramianEngine
 
-from ._exact import assert_matches_jacobian
+from ._exact import assert_matches_jacobian, no_fallback
 
 torch_dtype = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _no_fallback(engine: LayerwiseGramianEngine) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError(
-            f"the whole-model fallback ran for {[tuple(p.shape) for p in args[1]]}"
-        )
-
-    engine._fallback = refuse  # type: ignore[method-assign]
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def check(model: nn.Module, losses_fn, *, claimed: bool, batch_dim: int = 0) -> None:
     engine = LayerwiseGramianEngine(model, batch_dim=batch_dim)
     if claimed:
-        _no_fallback(engine)
+        no_fallback(engine)
     losses = losses_fn()
     params = [p for p in model.parameters() if p.requires_grad]
     result = engine.compute(losses, params, retain_graph=True)
