@@ -127,13 +127,11 @@ def _gradient(model, engine, x, y, w, params) -> tuple:
     return result.gramian, result.weighted_gradient(w)
 
 
-def run_generic(B: int = 32, T: int = 16, compiled: bool = False) -> None:
-    torch.manual_seed(0)
-    model = CustomTransformer(T=T)
-    x, y = torch.randint(0, 100, (B, T)), torch.randint(0, 5, (B,))
-    params = list(model.parameters())
+def sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: list) -> tuple:
+    """``plain()``: an SGD step on the mean loss; ``with_engine(engine)``: the engine's Gramian
+    of the per-sample losses and its uniformly weighted gradient, then the same SGD step."""
     opt = torch.optim.SGD(params, lr=1e-3)
-    w = torch.full((B,), 1.0 / B)
+    w = torch.full((x.shape[0],), 1.0 / x.shape[0])
 
     def plain() -> None:
         opt.zero_grad(set_to_none=True)
@@ -147,6 +145,19 @@ def run_generic(B: int = 32, T: int = 16, compiled: bool = False) -> None:
         for p, g in zip(params, result.weighted_gradient(w), strict=True):
             p.grad = g
         opt.step()
+
+    return plain, with_engine
+
+
+def run_generic(B: int = 32, T: int = 16, compiled: bool = False) -> None:
+    torch.manual_seed(0)
+    model = CustomTransformer(T=T)
+    x, y = torch.randint(0, 100, (B, T)), torch.randint(0, 5, (B,))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3)
+    w = torch.full((B,), 1.0 / B)
+
+    plain, with_engine = sgd_steps(model, x, y, params)
 
     t_plain = timeit(plain, n=15)
     times = {}
@@ -234,22 +245,8 @@ def timeit(step, n: int = 30, warmup: int = 5) -> float:
 
 def run(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=1e-3)
-    B = x.shape[0]
-    w = torch.full((B,), 1.0 / B)
 
-    def plain() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    def with_engine(engine) -> None:
-        opt.zero_grad(set_to_none=True)
-        losses = F.cross_entropy(model(x), y, reduction="none")
-        result = engine.compute(losses, params)
-        for p, g in zip(params, result.weighted_gradient(w), strict=True):
-            p.grad = g
-        opt.step()
+    plain, with_engine = sgd_steps(model, x, y, params)
 
     t_plain = timeit(plain)
     layerwise = LayerwiseGramianEngine(model)

@@ -17,9 +17,6 @@ from jdoptim.gramian import LayerwiseGramianEngine
 
 from ._exact import assert_matches_jacobian, no_fallback
 
-torch_dtype = torch.float64
-
-
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
