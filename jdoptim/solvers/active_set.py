@@ -381,11 +381,13 @@ def try_pivoting(
     init: Tensor | None,
     max_steps: int,
     max_size: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    with_start: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Pivot (CPU, eager) for at most ``max_steps`` steps, stopping before any step whose
     systems would have more than ``max_size`` unknowns. Returns the solution (on the rows that
     are done; the bounds elsewhere), the ``[k]`` mask of the rows not done, and for those a
-    feasible start no worse than the bounds (:func:`best_start`)."""
+    feasible start no worse than the bounds (:func:`best_start`; ``None`` unless
+    ``with_start``: two ``[k, m] @ [m, m]`` products saved)."""
     k, m = lower.shape
     out = lower.clone()
     undone = torch.zeros(k, dtype=torch.bool)
@@ -418,4 +420,4 @@ def try_pivoting(
         rows, bounds, v = rows[keep], bounds[keep], v[keep]
         active, best, tries = _exchange(active[keep], bad[keep], best[keep], tries[keep])
     undone[rows] = True
-    return out, undone, best_start(gramian, bounds, v)
+    return out, undone, best_start(gramian, bounds, v) if with_start else None

@@ -49,7 +49,8 @@ from .active_set import (
     solve_fixed,
     try_pivoting,
 )
-from .mprgp import mprgp_solve
+from .lanczos import lambda_max_estimate
+from .mprgp import mprgp_shrinking, mprgp_solve
 from .normalization import normalize, regularize, trace_threshold
 
 Solver = Literal["torch", "mprgp", "quadprog"]
@@ -122,8 +123,11 @@ rounding)."""
 _small_calls = [0]  # calls made so far with m <= PADDED_PIVOT_MAX_M (this process)
 
 MPRGP_FIRST_TOL = 1e-13
-"""Early exit of the MPRGP first phase on the CPU (projected gradient relative to ``max|u|``),
-tight enough for most rows to pass :func:`~jdoptim.solvers.active_set.certify`."""
+"""Exit of each row from the MPRGP first phase on the CPU: its projected gradient ``g`` has
+``||g||_2 <= MPRGP_FIRST_TOL ||u||_2`` (:func:`~jdoptim.solvers.mprgp.mprgp_shrinking`). With
+the default ridge that is the bound :func:`~jdoptim.solvers.active_set.certify` needs
+(``||g|| / reg_eps <= 1e-9 ||u||``): measured, every row of the test bank's families at m = 256
+is certified."""
 
 
 @torch.library.custom_op("jdoptim::dual_cone_cpu", mutates_args=())
@@ -136,8 +140,8 @@ def _dual_cone_cpu(
     with torch.inference_mode():
         gramian, lower = gramian.clone(), lower.clone()
         init = None if init is None else init.clone()
-        # Pivoting first while its systems stay small (then it beats MPRGP); MPRGP, the
-        # certificate and pivoting for the rows it leaves.
+        # Pivoting first while its systems stay small (then it beats MPRGP); MPRGP (rows leave
+        # its batch as they converge), the certificate and pivoting for the rows it leaves.
         m = lower.shape[-1]
         if m <= PADDED_PIVOT_MAX_M:
             _small_calls[0] += 1
@@ -147,11 +151,16 @@ def _dual_cone_cpu(
             if bool(undone.any()):  # never seen: finite pivoting, then the proven polish
                 x[undone] = solve_cpu(gramian, lower[undone], mu, kappa, None)
             return x.clone()
-        steps = PIVOT_FIRST_STEPS if m <= PIVOT_FIRST_MAX_M else 0
-        x, undone, _ = try_pivoting(gramian, lower, init, steps, pivot_first_size(m))
+        if m <= PIVOT_FIRST_MAX_M:
+            size = pivot_first_size(m)
+            x, undone, _ = try_pivoting(gramian, lower, init, PIVOT_FIRST_STEPS, size, False)
+        else:  # no pivoting first: its active-set guess alone costs a product
+            x, undone = lower.clone(), torch.ones(lower.shape[0], dtype=torch.bool)
         if bool(undone.any()):
             rest, start = lower[undone], None if init is None else init[undone]
-            y = mprgp_solve(gramian, rest, None, start, rel_tol=MPRGP_FIRST_TOL)
+            # Expansion steps of 1.9 / lambda_max (estimated) instead of 1.9 / Gershgorin.
+            lipschitz = lambda_max_estimate(gramian)
+            y = mprgp_shrinking(gramian, rest, start, MPRGP_FIRST_TOL, lipschitz)
             uncertified = ~certify(gramian, rest, y, mu, POLISH_RTOL)
             if bool(uncertified.any()):
                 y[uncertified] = solve_cpu(gramian, rest[uncertified], mu, kappa, y[uncertified])

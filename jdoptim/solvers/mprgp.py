@@ -109,6 +109,68 @@ def _float32_first(gramian: Tensor) -> bool:
     )
 
 
+def _start(lower: Tensor, init: Tensor | None) -> Tensor:
+    if init is None:
+        return lower.clone()
+    # Entries within rounding of their bound start *on* it: a gap of 1e-20 would make them
+    # free and send the first steps away from an otherwise converged warm start.
+    init = init.to(lower.dtype)
+    return torch.where(init - lower > 1e-12 * lower.abs().amax(), init, lower)
+
+
+def _step(
+    gramian: Tensor,
+    lower: Tensor,
+    abar: Tensor,
+    x: Tensor,
+    grad: Tensor,
+    direction: Tensor,
+    stale: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One MPRGP iteration of every row (one ``[k, m] @ [m, m]`` product). Returns the new
+    ``x``, gradient, direction, the rows that took an expansion step (float, their gradient is
+    then stale) and the projected gradient."""
+    # Element-wise work uses float masks (torch.sign of the non-negative gap x - u) and
+    # column-wise torch.where only: full-size boolean masks are several times slower on CPU.
+    gap = x - lower
+    free = torch.sign(gap)
+    phi = grad * free  # free gradient
+    beta = (grad - phi).clamp(max=0.0)  # chopped gradient
+    phi_reduced = torch.minimum(gap * (1.0 / abar), phi)
+    proportional = _rowdot(beta, beta) <= _GAMMA**2 * _rowdot(phi_reduced, phi)
+    refresh = stale > 0
+    # Rows whose gradient is stale (after an expansion) spend the product on x itself.
+    s = torch.where(refresh, x, torch.where(proportional, direction, beta))
+    a_s = s @ gramian
+    s_a_s = _rowdot(s, a_s)
+    alpha_cg = _safe_div(_rowdot(grad, s), s_a_s)
+    # Longest feasible step along -s: 1 / max_j (s_j / gap_j) over s_j > 0.
+    rates = torch.nan_to_num(s.clamp(min=0.0) / gap, nan=0.0, posinf=torch.inf)
+    alpha_feasible = 1.0 / rates.amax(-1, keepdim=True)
+    cg = ~refresh & proportional & (alpha_cg <= alpha_feasible)
+    expand = ~refresh & proportional & ~cg
+    alpha = torch.where(expand, alpha_feasible, torch.where(refresh, 0.0, alpha_cg))
+    x_new = x - alpha * s
+    grad_new = torch.where(refresh, a_s, grad - alpha * a_s)
+    # Expansion: a projected-gradient step from the feasible boundary point.
+    x_expanded = torch.maximum(x_new - abar * grad_new * torch.sign(x_new - lower), lower)
+    x_new = torch.where(expand, x_expanded, x_new)
+    phi_new = grad_new * torch.sign(x_new - lower)
+    gamma = _safe_div(_rowdot(phi_new, a_s), s_a_s)
+    direction_new = torch.where(cg, phi_new - gamma * direction, phi_new)
+    projected_gradient = phi_new + (grad_new - phi_new).clamp(max=0.0)
+    return x_new, grad_new, direction_new, expand.to(x.dtype), projected_gradient
+
+
+def _expansion_step(gramian: Tensor, lipschitz: Tensor | None = None) -> Tensor:
+    """``1.9 / L`` (a 0-d tensor) with ``L`` the upper bound min(Gershgorin, trace) of
+    ``lambda_max``, or ``lipschitz`` when given and smaller."""
+    bound = torch.minimum(gramian.abs().sum(-1).amax(), gramian.diagonal().sum())
+    if lipschitz is not None:
+        bound = torch.minimum(bound, lipschitz.to(bound.dtype))
+    return 1.9 / torch.where(bound > 0, bound, torch.ones_like(bound))
+
+
 @eager_compiled
 def _mprgp(
     gramian: Tensor, lower: Tensor, n_iters: int, init: Tensor | None, rel_tol: float
@@ -117,17 +179,8 @@ def _mprgp(
     the projected gradient is below ``rel_tol * max|u|``). Eager calls run a compiled kernel
     (:mod:`jdoptim.solvers._eager_compile`)."""
     # Step of the projected-gradient (expansion) steps: 1.9 / an upper bound of lambda_max.
-    bound = torch.minimum(gramian.abs().sum(-1).amax(), gramian.diagonal().sum())
-    abar = 1.9 / torch.where(bound > 0, bound, torch.ones_like(bound))
-
-    inv_abar = 1.0 / abar
-    if init is None:
-        x = lower.clone()
-    else:
-        # Entries within rounding of their bound start *on* it: a gap of 1e-20 would make them
-        # free and send the first steps away from an otherwise converged warm start.
-        init = init.to(lower.dtype)
-        x = torch.where(init - lower > 1e-12 * lower.abs().amax(), init, lower)
+    abar = _expansion_step(gramian)
+    x = _start(lower, init)
     grad = x @ gramian
     direction = torch.zeros_like(x)
     stale = torch.zeros_like(x[..., :1])
@@ -138,40 +191,124 @@ def _mprgp(
     tol = rel_tol * lower.abs().amax()
     done = torch.zeros((), dtype=torch.bool, device=x.device)
 
-    # Element-wise work uses float masks (torch.sign of the non-negative gap x - u) and
-    # column-wise torch.where only: full-size boolean masks are several times slower on CPU.
     def body(
         x: Tensor, grad: Tensor, direction: Tensor, stale: Tensor, done: Tensor
     ) -> tuple[Tensor, ...]:
-        gap = x - lower
-        free = torch.sign(gap)
-        phi = grad * free  # free gradient
-        beta = (grad - phi).clamp(max=0.0)  # chopped gradient
-        phi_reduced = torch.minimum(gap * inv_abar, phi)
-        proportional = _rowdot(beta, beta) <= _GAMMA**2 * _rowdot(phi_reduced, phi)
-        refresh = stale > 0
-        # Rows whose gradient is stale (after an expansion) spend the product on x itself.
-        s = torch.where(refresh, x, torch.where(proportional, direction, beta))
-        a_s = s @ gramian
-        s_a_s = _rowdot(s, a_s)
-        alpha_cg = _safe_div(_rowdot(grad, s), s_a_s)
-        # Longest feasible step along -s: 1 / max_j (s_j / gap_j) over s_j > 0.
-        rates = torch.nan_to_num(s.clamp(min=0.0) / gap, nan=0.0, posinf=torch.inf)
-        alpha_feasible = 1.0 / rates.amax(-1, keepdim=True)
-        cg = ~refresh & proportional & (alpha_cg <= alpha_feasible)
-        expand = ~refresh & proportional & ~cg
-        alpha = torch.where(expand, alpha_feasible, torch.where(refresh, 0.0, alpha_cg))
-        x_new = x - alpha * s
-        grad_new = torch.where(refresh, a_s, grad - alpha * a_s)
-        # Expansion: a projected-gradient step from the feasible boundary point.
-        x_expanded = torch.maximum(x_new - abar * grad_new * torch.sign(x_new - lower), lower)
-        x_new = torch.where(expand, x_expanded, x_new)
-        phi_new = grad_new * torch.sign(x_new - lower)
-        gamma = _safe_div(_rowdot(phi_new, a_s), s_a_s)
-        direction_new = torch.where(cg, phi_new - gamma * direction, phi_new)
-        projected_gradient = phi_new + (grad_new - phi_new).clamp(max=0.0)
-        done = ~expand.any() & (projected_gradient.abs().amax() <= tol)
-        return x_new, grad_new, direction_new, expand.to(x.dtype), done
+        x, grad, direction, stale, projected_gradient = _step(
+            gramian, lower, abar, x, grad, direction, stale
+        )
+        done = ~(stale > 0).any() & (projected_gradient.abs().amax() <= tol)
+        return x, grad, direction, stale, done
 
     x = bounded_loop(n_iters, body, (x, grad, direction, stale, done), done_index=4)[0]
     return torch.maximum(x, lower)
+
+
+@eager_compiled
+def _mprgp_chunk(
+    gramian: Tensor,
+    lower: Tensor,
+    x: Tensor,
+    grad: Tensor,
+    direction: Tensor,
+    stale: Tensor,
+    abar: Tensor,
+    tol: Tensor,
+    n_iters: int,
+    euclidean: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """At most ``n_iters`` MPRGP iterations from the given state (CPU: stops once every row is
+    done); returns the new state and the ``[k]`` mask of the rows done (no expansion in the last
+    iteration and projected gradient at most ``tol``, ``[k, 1]``, in the 2-norm if ``euclidean``,
+    else the max-norm)."""
+    row_done = torch.zeros_like(stale, dtype=torch.bool)
+
+    def body(
+        x: Tensor, grad: Tensor, direction: Tensor, stale: Tensor, row_done: Tensor, done: Tensor
+    ) -> tuple[Tensor, ...]:
+        x, grad, direction, stale, projected_gradient = _step(
+            gramian, lower, abar, x, grad, direction, stale
+        )
+        if euclidean:
+            size = projected_gradient.square().sum(-1, keepdim=True).sqrt()
+        else:
+            size = projected_gradient.abs().amax(-1, keepdim=True)
+        row_done = (stale <= 0) & (size <= tol)
+        return x, grad, direction, stale, row_done, row_done.all()
+
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    carry = (x, grad, direction, stale, row_done, done)
+    x, grad, direction, stale, row_done, _ = bounded_loop(n_iters, body, carry, done_index=5)
+    return x, grad, direction, stale, row_done.squeeze(-1)
+
+
+SHRINK_CHUNK = 8
+"""Iterations of :func:`mprgp_shrinking` between two removals of the rows done."""
+
+
+def mprgp_shrinking(
+    gramian: Tensor,
+    lower: Tensor,
+    init: Tensor | None,
+    rel_tol: float,
+    lipschitz: Tensor | None = None,
+    n_iters: int | None = None,
+) -> Tensor:
+    """MPRGP on the CPU (eager; reads row flags, free there) where each row leaves the batch
+    once it meets its stopping test (checked every :data:`SHRINK_CHUNK` iterations), so the
+    ``[k, m] @ [m, m]`` products shrink as rows converge. The float64 iterations stop a row
+    once its projected gradient ``g`` has ``||g||_2 <= rel_tol ||u||_2``. Float64 problems of
+    ``m >= FLOAT32_FIRST_MIN_M`` start with a float32 phase (as in :func:`mprgp_solve`: a row
+    leaves it at ``max|g| <= 1e-6 max|U|``). ``lipschitz`` (optional, 0-d): an estimate of
+    ``lambda_max(gramian)`` tighter than Gershgorin, for longer expansion steps (any value: the
+    result is checked by the caller). Each phase runs at most ``n_iters`` iterations (default
+    :func:`default_iterations`)."""
+    if n_iters is None:
+        n_iters = default_iterations(gramian.shape[-1])
+    if _float32_first(gramian):
+        start = None if init is None else init.to(torch.float32)
+        bounds = lower.float()
+        tol = (_TOL_FLOAT32 * bounds.abs().amax()).expand(bounds.shape[0], 1)
+        init = _shrinking(gramian.float(), bounds, start, tol, False, lipschitz, n_iters)
+    tol = rel_tol * lower.norm(dim=-1, keepdim=True)
+    return _shrinking(gramian, lower, init, tol, True, lipschitz, n_iters)
+
+
+def _shrinking(
+    gramian: Tensor,
+    lower: Tensor,
+    init: Tensor | None,
+    tol: Tensor,
+    euclidean: bool,
+    lipschitz: Tensor | None,
+    n_iters: int,
+) -> Tensor:
+    k = lower.shape[0]
+    abar = _expansion_step(gramian, lipschitz)
+    x = _start(lower, init)
+    grad = x @ gramian
+    direction = torch.zeros_like(x)
+    stale = torch.zeros_like(x[..., :1])
+    tol = tol.contiguous()
+    out = torch.empty_like(lower)
+    rows, bounds = torch.arange(k), lower
+    spent = 0
+    while spent < n_iters and rows.numel() > 0:
+        steps = min(SHRINK_CHUNK, n_iters - spent)
+        spent += steps
+        state = (bounds, x, grad, direction, stale)
+        if rows.numel() >= 2:  # batch sizes stay symbolic (size 1 would be specialised)
+            for t in (*state, tol):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        x, grad, direction, stale, done = _mprgp_chunk(gramian, *state, abar, tol, steps, euclidean)
+        n_done = int(done.sum())
+        if n_done == rows.numel():
+            break
+        if n_done == 0 or rows.numel() - n_done < 2:
+            continue
+        out[rows[done]] = torch.maximum(x[done], bounds[done])
+        keep = ~done
+        rows, bounds, x, grad, tol = rows[keep], bounds[keep], x[keep], grad[keep], tol[keep]
+        direction, stale = direction[keep], stale[keep]
+    out[rows] = torch.maximum(x, bounds)
+    return out

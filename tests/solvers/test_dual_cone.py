@@ -184,7 +184,9 @@ def test_uncertified_rows_are_solved_exactly(monkeypatch: pytest.MonkeyPatch) ->
     """A first phase that stops far from the solution is caught by the certificate."""
     from jdoptim.solvers import mprgp
 
-    monkeypatch.setattr(dual_cone, "mprgp_solve", lambda g, u, *a, **k: mprgp.mprgp_solve(g, u, 2))
+    monkeypatch.setattr(
+        dual_cone, "mprgp_shrinking", lambda g, u, *a, **k: mprgp.mprgp_solve(g, u, 2)
+    )
     J = make_family("weak", 24, 12, seed=5)
     G = J @ J.T
     U = torch.eye(24, dtype=F64) / 24
