@@ -144,8 +144,9 @@ def _step(
     a_s = s @ gramian
     s_a_s = _rowdot(s, a_s)
     alpha_cg = _safe_div(_rowdot(grad, s), s_a_s)
-    # Longest feasible step along -s: 1 / max_j (s_j / gap_j) over s_j > 0.
-    rates = torch.nan_to_num(s.clamp(min=0.0) / gap, nan=0.0, posinf=torch.inf)
+    # Longest feasible step along -s: 1 / max_j (s_j / gap_j) over s_j > 0 (a `where`, not
+    # nan_to_num: Inductor's CPU code tests isnan element by element).
+    rates = torch.where(s > 0, s / gap, 0.0)
     alpha_feasible = 1.0 / rates.amax(-1, keepdim=True)
     cg = ~refresh & proportional & (alpha_cg <= alpha_feasible)
     expand = ~refresh & proportional & ~cg
