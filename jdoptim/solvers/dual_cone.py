@@ -49,7 +49,7 @@ from .active_set import (
     solve_fixed,
     try_pivoting,
 )
-from .lanczos import lambda_max_estimate
+from .lanczos import top_pair_estimate
 from .mprgp import mprgp_shrinking, mprgp_solve
 from .normalization import normalize, regularize, trace_threshold
 
@@ -158,9 +158,9 @@ def _dual_cone_cpu(
             x, undone = lower.clone(), torch.ones(lower.shape[0], dtype=torch.bool)
         if bool(undone.any()):
             rest, start = lower[undone], None if init is None else init[undone]
-            # Expansion steps of 1.9 / lambda_max (estimated) instead of 1.9 / Gershgorin.
-            lipschitz = lambda_max_estimate(gramian)
-            y = mprgp_shrinking(gramian, rest, start, MPRGP_FIRST_TOL, lipschitz)
+            # Expansion steps from estimates of the top of the spectrum (see mprgp_shrinking).
+            spectrum = top_pair_estimate(gramian)
+            y = mprgp_shrinking(gramian, rest, start, MPRGP_FIRST_TOL, spectrum)
             uncertified = ~certify(gramian, rest, y, mu, POLISH_RTOL)
             if bool(uncertified.any()):
                 y[uncertified] = solve_cpu(gramian, rest[uncertified], mu, kappa, y[uncertified])

@@ -31,6 +31,20 @@ def lambda_max_estimate(matrix: Tensor, steps: int = LANCZOS_STEPS) -> Tensor:
     >>> round(float(lambda_max_estimate(A)), 6)
     5.0
     """
+    return top_pair_estimate(matrix, steps)[0]
+
+
+def top_pair_estimate(matrix: Tensor, steps: int = LANCZOS_STEPS) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Estimates of the two largest eigenvalues of the symmetric ``matrix`` and of a unit
+    eigenvector of the largest: ``(lambda_1, lambda_2, q)`` (0-d, 0-d, ``[m]``), each Ritz
+    value plus its residual norm (see the module; ``lambda_2 = lambda_1`` if ``m = 1``).
+
+    >>> import torch
+    >>> A = torch.diag(torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64))
+    >>> l1, l2, q = top_pair_estimate(A)
+    >>> round(float(l1), 6), round(float(l2), 6), q.abs().round(decimals=6).tolist()
+    (5.0, 2.0, [0.0, 0.0, 1.0])
+    """
     m = matrix.shape[-1]
     steps = max(1, min(steps, m))
     generator = torch.Generator().manual_seed(0)
@@ -57,5 +71,9 @@ def lambda_max_estimate(matrix: Tensor, steps: int = LANCZOS_STEPS) -> Tensor:
         off = torch.tensor(betas[: n - 1], dtype=torch.float64)
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
     values, vectors = torch.linalg.eigh(tridiagonal)
-    residual = betas[n - 1] * abs(float(vectors[-1, -1]))
-    return torch.tensor(float(values[-1]) + residual, dtype=matrix.dtype)
+    residuals = betas[n - 1] * vectors[-1].abs()
+    estimates = (values + residuals).to(matrix.dtype)
+    top = basis[:n].T @ vectors[:, -1].to(matrix.dtype)
+    second = estimates[-2] if n > 1 else estimates[-1]
+    # Separate tensors (not views of one): compiled loops refuse aliased inputs.
+    return estimates[-1].clone(), second.clone(), top / top.norm()

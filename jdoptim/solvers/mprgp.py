@@ -126,10 +126,11 @@ def _step(
     grad: Tensor,
     direction: Tensor,
     stale: Tensor,
+    outlier: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One MPRGP iteration of every row (one ``[k, m] @ [m, m]`` product). Returns the new
     ``x``, gradient, direction, the rows that took an expansion step (float, their gradient is
-    then stale) and the projected gradient."""
+    then stale) and the projected gradient. ``outlier``: see :func:`_expansion`."""
     # Element-wise work uses float masks (torch.sign of the non-negative gap x - u) and
     # column-wise torch.where only: full-size boolean masks are several times slower on CPU.
     gap = x - lower
@@ -154,13 +155,46 @@ def _step(
     x_new = x - alpha * s
     grad_new = torch.where(refresh, a_s, grad - alpha * a_s)
     # Expansion: a projected-gradient step from the feasible boundary point.
-    x_expanded = torch.maximum(x_new - abar * grad_new * torch.sign(x_new - lower), lower)
-    x_new = torch.where(expand, x_expanded, x_new)
+    x_new = torch.where(expand, _expansion(lower, abar, x_new, grad_new, outlier), x_new)
     phi_new = grad_new * torch.sign(x_new - lower)
     gamma = _safe_div(_rowdot(phi_new, a_s), s_a_s)
     direction_new = torch.where(cg, phi_new - gamma * direction, phi_new)
     projected_gradient = phi_new + (grad_new - phi_new).clamp(max=0.0)
     return x_new, grad_new, direction_new, expand.to(x.dtype), projected_gradient
+
+
+def _expansion(
+    lower: Tensor,
+    abar: Tensor,
+    x: Tensor,
+    grad: Tensor,
+    outlier: tuple[Tensor, Tensor, Tensor] | None,
+) -> Tensor:
+    r"""MPRGP's expansion step :math:`x_p = \max(x - \bar\alpha \varphi, u)` (:math:`\varphi`
+    the free gradient). With ``outlier = (q, l1, l2)``, estimates of the top eigenpair
+    :math:`(\lambda_1, q)` and of :math:`\lambda_2` of a Gramian whose top eigenvalue stands
+    out (:math:`\bar\alpha \approx 1.9/\lambda_1` then barely moves the other directions), a
+    second candidate steps along the free gradient with its component along the free part of
+    :math:`q` removed, :math:`x_d = \max(x - d/\lambda_2, u)`; each row takes the candidate
+    whose upper bound of the change of the objective, :math:`g^\top\delta + \tfrac12
+    (\lambda_2\|\delta\|^2 + (\lambda_1 - \lambda_2)(q^\top\delta)^2)` (from
+    :math:`\hat G \preceq \lambda_2 I + (\lambda_1 - \lambda_2) q q^\top`), is smaller.
+    Measured: 655 -> 375 float32 iterations on ``aligned_conflict`` at m = 1000."""
+    free = torch.sign(x - lower)
+    phi = grad * free
+    plain = torch.maximum(x - abar * phi, lower)
+    if outlier is None:
+        return plain
+    q, l1, l2 = outlier
+    q_free = q * free
+    d = phi - _safe_div(_rowdot(q_free, phi), _rowdot(q_free, q_free)) * q_free
+    deflated = torch.maximum(x - d / l2, lower)
+
+    def bound(step: Tensor) -> Tensor:
+        q_step = _rowdot(step, q)
+        return _rowdot(grad, step) + 0.5 * (l2 * _rowdot(step, step) + (l1 - l2) * q_step**2)
+
+    return torch.where(bound(deflated - x) < bound(plain - x), deflated, plain)
 
 
 def _expansion_step(gramian: Tensor, lipschitz: Tensor | None = None) -> Tensor:
@@ -217,6 +251,7 @@ def _mprgp_chunk(
     tol: Tensor,
     n_iters: int,
     euclidean: bool,
+    outlier: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """At most ``n_iters`` MPRGP iterations from the given state (CPU: stops once every row is
     done); returns the new state and the ``[k]`` mask of the rows done (no expansion in the last
@@ -228,7 +263,7 @@ def _mprgp_chunk(
         x: Tensor, grad: Tensor, direction: Tensor, stale: Tensor, row_done: Tensor, done: Tensor
     ) -> tuple[Tensor, ...]:
         x, grad, direction, stale, projected_gradient = _step(
-            gramian, lower, abar, x, grad, direction, stale
+            gramian, lower, abar, x, grad, direction, stale, outlier
         )
         if euclidean:
             size = projected_gradient.square().sum(-1, keepdim=True).sqrt()
@@ -247,12 +282,18 @@ SHRINK_CHUNK = 8
 """Iterations of :func:`mprgp_shrinking` between two removals of the rows done."""
 
 
+OUTLIER_RATIO = 10.0
+""":func:`mprgp_shrinking` takes the deflated expansion steps of :func:`_expansion` when the
+estimated ``lambda_1 / lambda_2`` exceeds this (one eigenvalue stands out: Gramians of
+conflicting but aligned gradients)."""
+
+
 def mprgp_shrinking(
     gramian: Tensor,
     lower: Tensor,
     init: Tensor | None,
     rel_tol: float,
-    lipschitz: Tensor | None = None,
+    spectrum: tuple[Tensor, Tensor, Tensor] | None = None,
     n_iters: int | None = None,
 ) -> Tensor:
     """MPRGP on the CPU (eager; reads row flags, free there) where each row leaves the batch
@@ -260,19 +301,30 @@ def mprgp_shrinking(
     ``[k, m] @ [m, m]`` products shrink as rows converge. The float64 iterations stop a row
     once its projected gradient ``g`` has ``||g||_2 <= rel_tol ||u||_2``. Float64 problems of
     ``m >= FLOAT32_FIRST_MIN_M`` start with a float32 phase (as in :func:`mprgp_solve`: a row
-    leaves it at ``max|g| <= 1e-6 max|U|``). ``lipschitz`` (optional, 0-d): an estimate of
-    ``lambda_max(gramian)`` tighter than Gershgorin, for longer expansion steps (any value: the
-    result is checked by the caller). Each phase runs at most ``n_iters`` iterations (default
-    :func:`default_iterations`)."""
+    leaves it at ``max|g| <= 1e-6 max|U|``). ``spectrum`` (optional): estimates ``(lambda_1,
+    lambda_2, q)`` of the top eigenvalues and eigenvector of ``gramian``
+    (:func:`~jdoptim.solvers.lanczos.top_pair_estimate`): expansion steps of ``1.9 /
+    lambda_1`` instead of 1.9 / Gershgorin, and deflated ones (:func:`_expansion`, float32
+    phase only: measured slower in the float64 one) when ``lambda_1 > OUTLIER_RATIO
+    lambda_2``. Any estimate is safe for the result, which the caller checks. Each phase runs
+    at most ``n_iters`` iterations (default :func:`default_iterations`)."""
     if n_iters is None:
         n_iters = default_iterations(gramian.shape[-1])
+    lipschitz, outlier = None, None
+    if spectrum is not None:
+        l1, l2, q = spectrum
+        lipschitz = l1
+        if float(l1) > OUTLIER_RATIO * float(l2):
+            outlier = (q, l1, l2)
     if _float32_first(gramian):
         start = None if init is None else init.to(torch.float32)
         bounds = lower.float()
         tol = (_TOL_FLOAT32 * bounds.abs().amax()).expand(bounds.shape[0], 1)
-        init = _shrinking(gramian.float(), bounds, start, tol, False, lipschitz, n_iters)
+        low = None if outlier is None else tuple(t.float() for t in outlier)
+        init = _shrinking(gramian.float(), bounds, start, tol, False, lipschitz, low, n_iters)
+    # The float64 phase starts near the solution, where deflated steps measured slower.
     tol = rel_tol * lower.norm(dim=-1, keepdim=True)
-    return _shrinking(gramian, lower, init, tol, True, lipschitz, n_iters)
+    return _shrinking(gramian, lower, init, tol, True, lipschitz, None, n_iters)
 
 
 def _shrinking(
@@ -282,6 +334,7 @@ def _shrinking(
     tol: Tensor,
     euclidean: bool,
     lipschitz: Tensor | None,
+    outlier: tuple[Tensor, ...] | None,
     n_iters: int,
 ) -> Tensor:
     k = lower.shape[0]
@@ -301,7 +354,9 @@ def _shrinking(
         if rows.numel() >= 2:  # batch sizes stay symbolic (size 1 would be specialised)
             for t in (*state, tol):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-        x, grad, direction, stale, done = _mprgp_chunk(gramian, *state, abar, tol, steps, euclidean)
+        x, grad, direction, stale, done = _mprgp_chunk(
+            gramian, *state, abar, tol, steps, euclidean, outlier
+        )
         n_done = int(done.sum())
         if n_done == rows.numel():
             break

@@ -243,7 +243,7 @@ def test_shrinking_batch_matches_quadprog_and_drops_rows(kind: str, monkeypatch)
     """The CPU driver of the exact solver: rows leave the batch once they meet their stopping
     test (the batch shrinks), and every row still meets the certificate's accuracy."""
     from jdoptim.solvers import active_set
-    from jdoptim.solvers.lanczos import lambda_max_estimate
+    from jdoptim.solvers.lanczos import top_pair_estimate
 
     sizes: list[int] = []
     original = mprgp._mprgp_chunk
@@ -257,7 +257,10 @@ def test_shrinking_batch_matches_quadprog_and_drops_rows(kind: str, monkeypatch)
     J = make_jacobian(kind, m, seed=3)
     G_hat = _g_hat(J @ J.T)
     U = torch.eye(m, dtype=F64) / m
-    V = mprgp.mprgp_shrinking(G_hat, U, None, 1e-13, lambda_max_estimate(G_hat))
+    spectrum = top_pair_estimate(G_hat)
+    if kind == "aligned_conflict":  # one eigenvalue stands out: deflated expansion steps
+        assert float(spectrum[0]) > mprgp.OUTLIER_RATIO * float(spectrum[1])
+    V = mprgp.mprgp_shrinking(G_hat, U, None, 1e-13, spectrum)
     ref = project_weights(U, J @ J.T, norm_eps=1e-4, solver="quadprog")
     assert (V - ref).abs().max() <= 1e-9 * ref.abs().max()
     assert bool(active_set.certify(G_hat, U, V, 1e-4, 1e-9).all())
@@ -272,3 +275,18 @@ def test_lambda_max_estimate_is_accurate(kind: str) -> None:
     G_hat = _g_hat(J @ J.T)
     true = float(torch.linalg.eigvalsh(G_hat)[-1])
     assert abs(float(lambda_max_estimate(G_hat)) / true - 1) <= 1e-3
+
+
+def test_wrong_spectrum_estimates_still_give_the_exact_solution(monkeypatch) -> None:
+    """The estimates only steer MPRGP's steps: absurd ones (a random "eigenvector", a tiny
+    lambda_2) leave the exact solver's result exact (certificate, then pivoting)."""
+    m = 40
+    J = make_jacobian("aligned_conflict", m, seed=5)
+    G = J @ J.T
+    U = torch.eye(m, dtype=F64) / m
+    q = torch.randn(m, generator=torch.Generator().manual_seed(0), dtype=F64)
+    wrong = (torch.tensor(1e3, dtype=F64), torch.tensor(1e-9, dtype=F64), q / q.norm())
+    monkeypatch.setattr(dual_cone, "top_pair_estimate", lambda g: wrong)
+    monkeypatch.setattr(dual_cone, "PIVOT_FIRST_MAX_M", 0)  # MPRGP on every row
+    ref = project_weights(U, G, solver="quadprog")
+    assert (project_weights(U, G) - ref).abs().max() <= 1e-9 * ref.abs().max()
