@@ -348,7 +348,9 @@ def _shrinking(
     abar = _expansion_step(gramian, lipschitz)
     x = _start(lower, init)
     grad = x @ gramian
-    direction = torch.zeros_like(x)
+    # The free gradient: a zero direction would spend the first conjugate-gradient step (and
+    # its product) on nothing when the start is already proportional (a warm start).
+    direction = grad * torch.sign(x - lower)
     stale = torch.zeros_like(x[..., :1])
     tol = tol.contiguous()
     out = torch.empty_like(lower)
