@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._kernels import linear_gram_kernel
-from ._scale import exponent, known_zero, pow2
+from ._scale import exponent, known_zero, pow2, unless_zero
 
 _RMSNorm = getattr(nn, "RMSNorm", nn.LayerNorm)
 
@@ -65,34 +65,60 @@ class PerSample:
 
     def __init__(self, grads: dict[int, Tensor]) -> None:
         self.grads = grads
+        self.bounds: dict[int, Tensor] = {}
+        """Exponent bounds of the gradients materialised from a factor (its ``exponent()``),
+        which spare :meth:`exponent` a max-abs pass over them."""
 
-    def add(self, other: dict[int, Tensor]) -> None:
+    def add(self, other: dict[int, Tensor], bound: Tensor | None = None) -> None:
+        """Add per-sample gradients; ``bound`` (optional): every entry of ``other`` is below
+        ``2**bound`` up to a factor of the positions (a factor's ``exponent()``)."""
         for i, J in other.items():
-            self.grads[i] = J if i not in self.grads else self.grads[i] + J
+            if i not in self.grads:
+                self.grads[i] = J
+                if bound is not None:
+                    self.bounds[i] = bound
+                continue
+            self.grads[i] = self.grads[i] + J
+            old = self.bounds.pop(i, None)
+            if bound is not None and old is not None:  # a sum of two: one more binade
+                self.bounds[i] = torch.maximum(old, bound) + 1
 
     def exponent(self) -> Tensor | None:
-        """Bound on the per-sample gradients: ``max|g| < 2**exponent()`` (see ``_scale``)."""
+        """Bound on the per-sample gradients: ``max|g| < 2**exponent()`` (see ``_scale``),
+        up to a factor of the positions for the gradients materialised from a factor."""
         if not self.grads:
             return None
-        return torch.stack([exponent(J) for J in self.grads.values()]).amax()
+        bounds = [self.bounds.get(i) for i in self.grads]
+        exact = [exponent(J) for i, J in self.grads.items() if i not in self.bounds]
+        return torch.stack([*(b for b in bounds if b is not None), *exact]).amax()
 
     def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor | None:
         """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
         if not self.grads:
             return None
         BK = dims.B * dims.K
-        # One product per parameter, summed: no copy of all the gradients into one matrix.
-        G = None
-        for J in self.grads.values():
-            J = J.reshape(BK, -1)
-            if not known_zero(shift):  # eager CPU: skip the pass that multiplies by 1
-                J = J * pow2(-shift, J.dtype)
-            G = J @ J.mT if G is None else torch.addmm(G, J, J.mT)
-        assert G is not None
+        Js = [J.reshape(BK, -1) for J in self.grads.values()]
+        # The pass that multiplies by 2**-shift is skipped when shift = 0 (see unless_zero).
+        G = unless_zero(shift, _gram_sum, _scaled_gram_sum, Js)
         return G.reshape(dims.B, dims.K, dims.B, dims.K)
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
         return {i: torch.einsum("bk,bkn->n", w, J) for i, J in self.grads.items()}
+
+
+def _gram_sum(*Js: Tensor) -> Tensor:
+    r""":math:`\sum_i J_i J_i^\top`: one product per parameter, no copy of all the gradients
+    into one matrix (``t()``, not ``mT``: ``torch.cond`` refuses aliased inputs)."""
+    G = torch.mm(Js[0], Js[0].t())
+    for J in Js[1:]:
+        G = torch.addmm(G, J, J.t())
+    return G
+
+
+def _scaled_gram_sum(shift: Tensor, *Js: Tensor) -> Tensor:
+    """:func:`_gram_sum` of the gradients scaled by ``2**-shift``."""
+    c = pow2(-shift, Js[0].dtype)
+    return _gram_sum(*(J * c for J in Js))
 
 
 def _pairwise(B: int, K: int, T: int, p: int) -> int:

@@ -37,7 +37,7 @@ two more passes to scale, scales the losses instead (:class:`~jdoptim.gramian.Ja
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -110,3 +110,36 @@ def known_zero(shift: Tensor | None) -> bool:
         return False
     return int(shift) == 0  # eager CPU only: no device to synchronise with
 
+
+
+def unless_zero(
+    shift: Tensor | None,
+    plain: Callable[..., Tensor],
+    scaled: Callable[..., Tensor],
+    operands: Sequence[Tensor],
+) -> Tensor:
+    """``plain(*operands)`` when ``shift`` is ``None`` or 0, else ``scaled(shift, *operands)``:
+    skip a pass that multiplies by :math:`2^0 = 1` wherever that costs no synchronisation.
+
+    * Eager on the CPU: a Python branch (:func:`known_zero`).
+    * Compiled for the CPU: :func:`torch.cond`, whose predicate the compiled code reads on the
+      host (free for a CPU tensor): no graph break, no recompilation, and only the branch
+      taken runs.
+    * On an accelerator: always ``scaled`` (reading ``shift`` would synchronise).
+
+    ``plain`` and ``scaled`` must not return (views of) their inputs.
+
+    >>> double = lambda s, x: x * 2.0 ** -s.float()
+    >>> unless_zero(torch.tensor(1), lambda x: x + 0, double, [torch.ones(2)])
+    tensor([0.5000, 0.5000])
+    """
+    if known_zero(shift):
+        return plain(*operands)
+    assert shift is not None
+    if torch.compiler.is_compiling() and shift.device.type == "cpu":
+
+        def unscaled(s: Tensor, *xs: Tensor) -> Tensor:
+            return plain(*xs)
+
+        return torch.cond(shift == 0, unscaled, scaled, (shift, *operands))
+    return scaled(shift, *operands)

@@ -1004,7 +1004,7 @@ def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) 
         shared = any(owners[i] > 1 or i in pool.grads for i in fs[0].params)
         if shared:  # reached through several rules: materialise and sum
             for f in fs:
-                pool.add(f.materialize())
+                pool.add(f.materialize(), f.exponent())
             continue
         merged = type(fs[0]).concat(fs)  # type: ignore[arg-type]
         ghost, mat = merged.costs()
@@ -1012,7 +1012,7 @@ def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) 
         if use_ghost:
             out.append(merged)
         else:
-            pool.add(merged.materialize())
+            pool.add(merged.materialize(), merged.exponent())
     if pool.grads:
         out.append(pool)
     return out
