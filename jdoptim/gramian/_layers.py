@@ -251,6 +251,50 @@ class LinearFactor:
         return out
 
 
+FORMED_MAX_POSITIONS = 32
+r"""A materialised linear factor drops its per-sample gradients after its Gramian block
+(:class:`FormedLinearFactor`) while it has at most ``FORMED_MAX_POSITIONS * K`` positions per
+sample: its weighted gradient is then one product :math:`(w \cdot D)^\top A` of ``B T p d``
+multiply-adds, cheaper than reading the ``B K p d`` stored gradients back (a product runs about
+30 multiply-adds in the time memory delivers one float). Convolutions over many positions keep
+their gradients (:class:`PerSample`)."""
+
+
+class FormedLinearFactor(LinearFactor):
+    r"""A :class:`LinearFactor` whose Gramian block is formed from its per-sample gradients
+    :math:`J_{bk} = \sum_t D_{bkt} A_{bt}^\top` (cheaper than the ghost form when positions are
+    many and layers narrow, e.g. sequence models), materialised one factor at a time and dropped
+    at once: the weighted gradient comes from ``A`` and ``D`` (:meth:`LinearFactor.weighted`),
+    so no per-sample gradient outlives its block (peak memory: one layer's, not the model's).
+
+    Scaling: the inputs are scaled by :math:`2^{-y}` and the output gradients by
+    :math:`2^{y-s}` before the product (two passes over the small factors, none over
+    :math:`J`), so the block is that of :math:`2^{-s} J`, as for the ghost form.
+    """
+
+    @staticmethod
+    def of(f: LinearFactor) -> FormedLinearFactor:
+        return FormedLinearFactor(f.weight, f.bias, f.A, f.D)
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
+        BK = dims.B * dims.K
+        A, D, c = self.A, self.D, None
+        if not known_zero(shift):  # eager CPU with shift 0: nothing to scale
+            assert shift is not None
+            y = self._input_exponent()
+            c = pow2(-y, A.dtype)  # the bias's input 1, scaled like the inputs
+            A = A * c
+            D = D * pow2(y - shift, D.dtype)
+        J = torch.einsum("gbktp,gbtd->bkgpd", D, A).reshape(BK, -1)
+        G = J @ J.mT
+        if self.bias is not None:
+            Jb = D.sum(3).permute(1, 2, 0, 3).reshape(BK, -1)
+            Jb = Jb if c is None else Jb * c
+            G = torch.addmm(G, Jb, Jb.mT)
+        return G.reshape(dims.B, dims.K, dims.B, dims.K)
+
+
 class EmbeddingFactor:
     r"""``nn.Embedding`` weight: indices ``idx`` ``[B, T]``, output gradients ``D``
     ``[B, K, T, p]`` (zero at ``padding_idx``). Ghost Gramian over matching indices:
@@ -310,7 +354,7 @@ class EmbeddingFactor:
         return {self.weight: out.reshape(-1)}
 
 
-Factor = LinearFactor | EmbeddingFactor | PerSample
+Factor = LinearFactor | EmbeddingFactor | PerSample  # FormedLinearFactor is a LinearFactor
 
 
 # --------------------------------------------------------------------------------------- rules

@@ -90,10 +90,12 @@ from ._graph import graph_visible, input_node, used_outside
 from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
 from ._layers import (
+    FORMED_MAX_POSITIONS,
     GENERIC,
     Dims,
     EmbeddingFactor,
     Factor,
+    FormedLinearFactor,
     LinearFactor,
     PerSample,
     Rule,
@@ -981,6 +983,14 @@ def scaled_gram(
     return G, shift
 
 
+def formed_cheaper(f: LinearFactor) -> bool:
+    """Whether ``f``'s per-sample gradients are better formed per block and dropped
+    (:class:`~jdoptim.gramian._layers.FormedLinearFactor`) than stored: at most
+    :data:`~jdoptim.gramian._layers.FORMED_MAX_POSITIONS` positions per loss and sample."""
+    T, K = f.A.shape[2], f.D.shape[2]
+    return T <= FORMED_MAX_POSITIONS * K
+
+
 def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) -> list[Factor]:
     """Merge the calls of shared weights and pick ghost or materialised per weight.
 
@@ -1011,6 +1021,8 @@ def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) 
         use_ghost = strategy == "ghost" or (strategy == "auto" and ghost <= mat)
         if use_ghost:
             out.append(merged)
+        elif isinstance(merged, LinearFactor) and formed_cheaper(merged):
+            out.append(FormedLinearFactor.of(merged))  # per-sample gradients dropped after use
         else:
             pool.add(merged.materialize(), merged.exponent())
     if pool.grads:
