@@ -10,9 +10,13 @@ integer shift
 .. math:: s = e - \operatorname{clamp}(e, -E, E), \qquad
     2^{e-1} \le \max |g| < 2^{e} \quad (\text{from } \texttt{torch.frexp}),
 
-where :math:`E` is 32 for a float32 Gramian and 480 for float64 (:func:`limit`). So:
+where :math:`E` is 32 for a float32 Gramian and 480 for float64 (:func:`limit`). For gradients
+formed from a layer's inputs :math:`A` and output gradients :math:`D` (linear, convolution and
+embedding layers), :math:`e` bounds :math:`\max|D| \max|A|` instead, read from the small factors
+and not from the gradients (no pass over them); the gradients are below :math:`2^{e}` times the
+number of positions, which the :math:`2^{64}` of headroom absorbs. So:
 
-* whenever :math:`2^{-E} \le \max|g| < 2^{E}` (every ordinary training step) :math:`s = 0`:
+* whenever :math:`-E \le e \le E` (every ordinary training step) :math:`s = 0`:
   the Gramian is exactly :math:`G`, as if nothing were scaled;
 * otherwise the Gramian is :math:`2^{-2s} G`, formed from scaled factors with entries below
   :math:`2^{E}`, so no product or sum overflows and none underflows far from the largest.
