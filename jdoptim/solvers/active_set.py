@@ -149,7 +149,7 @@ def _face_solve(
     count = chosen.sum(-1, keepdim=True)
     # The chosen indices first (stable: in increasing order), then the others; padding
     # positions take the virtual index m (then identity rows and columns, zero right-hand side).
-    order = torch.argsort((~chosen).to(torch.uint8), dim=-1, stable=True)[..., :size]
+    order = torch.argsort((~chosen).to(torch.int32), dim=-1, stable=True)[..., :size]
     valid = torch.arange(size, device=lower.device) < count
     index = torch.where(valid, order, m)
     base = torch.where(dual, 0, (m + 1) * (m + 1))
@@ -220,7 +220,7 @@ def _exchange(
     improved = n_bad < best
     best = torch.minimum(best, n_bad)
     tries = torch.where(improved, BLOCK_TRIES, tries - 1)
-    last = m - 1 - bad.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
+    last = m - 1 - bad.flip(-1).to(torch.int32).argmax(-1, keepdim=True)
     single = torch.zeros_like(bad).scatter(-1, last, True) & bad
     pivot = torch.where(tries >= 0, bad, single)
     return active ^ pivot, best, tries
@@ -368,8 +368,11 @@ def pivot_padded(
     done = torch.zeros((), dtype=torch.bool, device=lower.device)
 
     def body(
-        v: Tensor, active: Tensor, best: Tensor, tries: Tensor, undone: Tensor, done: Tensor
+        v: Tensor, act: Tensor, best: Tensor, tries: Tensor, todo: Tensor, done: Tensor
     ) -> tuple[Tensor, ...]:
+        # The masks are carried as int32: Inductor's CPU code writes boolean tensors slowly
+        # (see docs/faq.rst), and a loop carry is written at every step.
+        active, undone = act != 0, todo != 0
         v_new, lam = _face_solve(gramian, inverse, lower, active, m // 2, pair)
         bad = _infeasible(v_new, lam, lower, active, gramian_scale)
         v = torch.where(undone, v_new, v)
@@ -378,11 +381,11 @@ def pivot_padded(
         active = torch.where(undone, next_active, active)
         best = torch.where(undone, next_best, best)
         tries = torch.where(undone, next_tries, tries)
-        return v, active, best, tries, undone, ~undone.any()
+        return v, active.to(torch.int32), best, tries, undone.to(torch.int32), ~undone.any()
 
-    carry = (lower.clone(), active, best, tries, undone, done)
+    carry = (lower.clone(), active.to(torch.int32), best, tries, undone.to(torch.int32), done)
     v, _, _, _, undone, _ = bounded_loop(n_steps, body, carry, done_index=5)
-    return torch.maximum(v, lower), undone.squeeze(-1)
+    return torch.maximum(v, lower), undone.squeeze(-1) != 0
 
 
 def try_pivoting(
