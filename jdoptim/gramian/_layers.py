@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._kernels import linear_gram_kernel
-from ._scale import exponent, known_zero, pow2
+from ._scale import exponent, known_zero, pow2, unless_zero
 
 _RMSNorm = getattr(nn, "RMSNorm", nn.LayerNorm)
 
@@ -65,34 +65,60 @@ class PerSample:
 
     def __init__(self, grads: dict[int, Tensor]) -> None:
         self.grads = grads
+        self.bounds: dict[int, Tensor] = {}
+        """Exponent bounds of the gradients materialised from a factor (its ``exponent()``),
+        which spare :meth:`exponent` a max-abs pass over them."""
 
-    def add(self, other: dict[int, Tensor]) -> None:
+    def add(self, other: dict[int, Tensor], bound: Tensor | None = None) -> None:
+        """Add per-sample gradients; ``bound`` (optional): every entry of ``other`` is below
+        ``2**bound`` up to a factor of the positions (a factor's ``exponent()``)."""
         for i, J in other.items():
-            self.grads[i] = J if i not in self.grads else self.grads[i] + J
+            if i not in self.grads:
+                self.grads[i] = J
+                if bound is not None:
+                    self.bounds[i] = bound
+                continue
+            self.grads[i] = self.grads[i] + J
+            old = self.bounds.pop(i, None)
+            if bound is not None and old is not None:  # a sum of two: one more binade
+                self.bounds[i] = torch.maximum(old, bound) + 1
 
     def exponent(self) -> Tensor | None:
-        """Bound on the per-sample gradients: ``max|g| < 2**exponent()`` (see ``_scale``)."""
+        """Bound on the per-sample gradients: ``max|g| < 2**exponent()`` (see ``_scale``),
+        up to a factor of the positions for the gradients materialised from a factor."""
         if not self.grads:
             return None
-        return torch.stack([exponent(J) for J in self.grads.values()]).amax()
+        bounds = [self.bounds.get(i) for i in self.grads]
+        exact = [exponent(J) for i, J in self.grads.items() if i not in self.bounds]
+        return torch.stack([*(b for b in bounds if b is not None), *exact]).amax()
 
     def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor | None:
         """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
         if not self.grads:
             return None
         BK = dims.B * dims.K
-        # One product per parameter, summed: no copy of all the gradients into one matrix.
-        G = None
-        for J in self.grads.values():
-            J = J.reshape(BK, -1)
-            if not known_zero(shift):  # eager CPU: skip the pass that multiplies by 1
-                J = J * pow2(-shift, J.dtype)
-            G = J @ J.mT if G is None else torch.addmm(G, J, J.mT)
-        assert G is not None
+        Js = [J.reshape(BK, -1) for J in self.grads.values()]
+        # The pass that multiplies by 2**-shift is skipped when shift = 0 (see unless_zero).
+        G = unless_zero(shift, _gram_sum, _scaled_gram_sum, Js)
         return G.reshape(dims.B, dims.K, dims.B, dims.K)
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
         return {i: torch.einsum("bk,bkn->n", w, J) for i, J in self.grads.items()}
+
+
+def _gram_sum(*Js: Tensor) -> Tensor:
+    r""":math:`\sum_i J_i J_i^\top`: one product per parameter, no copy of all the gradients
+    into one matrix (``t()``, not ``mT``: ``torch.cond`` refuses aliased inputs)."""
+    G = torch.mm(Js[0], Js[0].t())
+    for J in Js[1:]:
+        G = torch.addmm(G, J, J.t())
+    return G
+
+
+def _scaled_gram_sum(shift: Tensor, *Js: Tensor) -> Tensor:
+    """:func:`_gram_sum` of the gradients scaled by ``2**-shift``."""
+    c = pow2(-shift, Js[0].dtype)
+    return _gram_sum(*(J * c for J in Js))
 
 
 def _pairwise(B: int, K: int, T: int, p: int) -> int:
@@ -225,6 +251,50 @@ class LinearFactor:
         return out
 
 
+FORMED_MAX_POSITIONS = 32
+r"""A materialised linear factor drops its per-sample gradients after its Gramian block
+(:class:`FormedLinearFactor`) while it has at most ``FORMED_MAX_POSITIONS * K`` positions per
+sample: its weighted gradient is then one product :math:`(w \cdot D)^\top A` of ``B T p d``
+multiply-adds, cheaper than reading the ``B K p d`` stored gradients back (a product runs about
+30 multiply-adds in the time memory delivers one float). Convolutions over many positions keep
+their gradients (:class:`PerSample`)."""
+
+
+class FormedLinearFactor(LinearFactor):
+    r"""A :class:`LinearFactor` whose Gramian block is formed from its per-sample gradients
+    :math:`J_{bk} = \sum_t D_{bkt} A_{bt}^\top` (cheaper than the ghost form when positions are
+    many and layers narrow, e.g. sequence models), materialised one factor at a time and dropped
+    at once: the weighted gradient comes from ``A`` and ``D`` (:meth:`LinearFactor.weighted`),
+    so no per-sample gradient outlives its block (peak memory: one layer's, not the model's).
+
+    Scaling: the inputs are scaled by :math:`2^{-y}` and the output gradients by
+    :math:`2^{y-s}` before the product (two passes over the small factors, none over
+    :math:`J`), so the block is that of :math:`2^{-s} J`, as for the ghost form.
+    """
+
+    @staticmethod
+    def of(f: LinearFactor) -> FormedLinearFactor:
+        return FormedLinearFactor(f.weight, f.bias, f.A, f.D)
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
+        BK = dims.B * dims.K
+        A, D, c = self.A, self.D, None
+        if not known_zero(shift):  # eager CPU with shift 0: nothing to scale
+            assert shift is not None
+            y = self._input_exponent()
+            c = pow2(-y, A.dtype)  # the bias's input 1, scaled like the inputs
+            A = A * c
+            D = D * pow2(y - shift, D.dtype)
+        J = torch.einsum("gbktp,gbtd->bkgpd", D, A).reshape(BK, -1)
+        G = J @ J.mT
+        if self.bias is not None:
+            Jb = D.sum(3).permute(1, 2, 0, 3).reshape(BK, -1)
+            Jb = Jb if c is None else Jb * c
+            G = torch.addmm(G, Jb, Jb.mT)
+        return G.reshape(dims.B, dims.K, dims.B, dims.K)
+
+
 class EmbeddingFactor:
     r"""``nn.Embedding`` weight: indices ``idx`` ``[B, T]``, output gradients ``D``
     ``[B, K, T, p]`` (zero at ``padding_idx``). Ghost Gramian over matching indices:
@@ -284,7 +354,7 @@ class EmbeddingFactor:
         return {self.weight: out.reshape(-1)}
 
 
-Factor = LinearFactor | EmbeddingFactor | PerSample
+Factor = LinearFactor | EmbeddingFactor | PerSample  # FormedLinearFactor is a LinearFactor
 
 
 # --------------------------------------------------------------------------------------- rules

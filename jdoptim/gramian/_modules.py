@@ -13,13 +13,16 @@ module is per-sample separable, these are per-sample quantities (row ``b`` only 
 :class:`~jdoptim.gramian._layers.LinearFactor`:
 
 * ``nn.MultiheadAttention``: :math:`Q = X_q W_q^\top + b_q` (same for ``K``, ``V``), attention,
-  then :math:`Y = O W_o^\top + b_o`. The recomputation calls
-  :func:`torch.nn.functional.multi_head_attention_forward` on the projected :math:`Q, K, V` with
-  identity projections (exact: a product with an identity matrix rounds nothing), so masks
-  (padding, causal, float, 3-D per-head), ``need_weights`` and ``add_zero_attn`` behave exactly
-  as in the module. ``in_proj_weight`` is one linear map on :math:`X` for self-attention
-  (``query is key is value``) or three groups otherwise; ``out_proj`` is a linear map on
-  :math:`O` with :math:`\partial L / \partial O = \delta W_o`.
+  then :math:`Y = O W_o^\top + b_o`. For calls with ``need_weights=False`` (those of
+  ``nn.TransformerEncoderLayer`` / ``DecoderLayer``) the recomputation merges the masks and calls
+  ``scaled_dot_product_attention`` on the projected :math:`Q, K, V` exactly as
+  :func:`torch.nn.functional.multi_head_attention_forward` does; otherwise (attention weights,
+  ``add_zero_attn``) it calls that function on them with identity projections (exact: a product
+  with an identity matrix rounds nothing). Either way masks (padding, causal, float, 3-D
+  per-head), ``need_weights`` and ``add_zero_attn`` behave exactly as in the module.
+  ``in_proj_weight`` is one linear map on :math:`X` for self-attention (``query is key is
+  value``) or three groups otherwise; ``out_proj`` is a linear map on :math:`O` with
+  :math:`\partial L / \partial O = \delta W_o`.
 * ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (any layers, bidirectional, ``proj_size``): unrolled in
   time, :math:`W_{ih}` is a linear map on the layer's input sequence and :math:`W_{hh}` one on the
   previous hidden states (:math:`W_{hr}` on :math:`o_t \odot \tanh c_t`), each over ``T``
@@ -244,32 +247,10 @@ class AttentionRule(ModuleRule):
                 target_type=q.dtype,
                 check_other=False,
             )
-            eye = torch.eye(E, dtype=wdt, device=Wo.device)
-            o, weights = F.multi_head_attention_forward(
-                qp,
-                kp,
-                vp,
-                E,
-                module.num_heads,
-                None,
-                None,
-                None,
-                None,
-                module.add_zero_attn,
-                0.0,
-                eye,
-                None,
-                training=False,
-                key_padding_mask=kpm,
-                need_weights=d["need_weights"],
-                attn_mask=am,
-                use_separate_proj_weight=True,
-                q_proj_weight=eye,
-                k_proj_weight=eye,
-                v_proj_weight=eye,
-                average_attn_weights=d["average_attn_weights"],
-                is_causal=d["is_causal"],
-            )
+            if not d["need_weights"] and not module.add_zero_attn:
+                o, weights = _attention(qp, kp, vp, module.num_heads, kpm, am, d["is_causal"])
+            else:
+                o, weights = _attention_with_weights(module, qp, kp, vp, kpm, am, d, wdt)
             D0 = deltas[0]
             if D0 is None:
                 D0 = torch.zeros(B, K, *o.shape[:1], E, dtype=dtype, device=o.device)
@@ -311,6 +292,87 @@ class AttentionRule(ModuleRule):
             if b is not None:
                 factors.append(PerSample({b: torch.cat([g.sum(2) for g in (dq, dk, dv)], -1)}))
         return factors
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    num_heads: int,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+) -> tuple[Tensor, None]:
+    """The attention of :func:`torch.nn.functional.multi_head_attention_forward` between the
+    projections and ``out_proj`` (``need_weights=False``, no ``add_zero_attn``, no dropout),
+    on projected ``q`` ``[L, N, E]`` and ``k``, ``v`` ``[S, N, E]`` with the canonical (float)
+    masks: the masks are merged and ``scaled_dot_product_attention`` called exactly as there,
+    without its four products with identity projections. Returns ``O`` ``[L, N, E]``."""
+    L, N, E = q.shape
+    S = k.shape[0]
+    if is_causal and key_padding_mask is None:
+        attn_mask = None  # the module passes the hint to SDPA
+    elif key_padding_mask is not None:
+        is_causal = False  # merged below: no longer causal
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(N, 1, 1, S).expand(-1, num_heads, -1, -1)
+        kpm = kpm.reshape(N * num_heads, 1, S)
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(N, num_heads, -1, S)
+
+    def heads(x: Tensor) -> Tensor:  # [T, N, E] -> [N, H, T, E / H]
+        return x.reshape(x.shape[0], N, num_heads, E // num_heads).permute(1, 2, 0, 3)
+
+    o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask, 0.0, is_causal)
+    return o.permute(2, 0, 1, 3).reshape(L, N, E), None
+
+
+def _attention_with_weights(
+    module: nn.MultiheadAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    d: dict,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor | None]:
+    """The general case: :func:`torch.nn.functional.multi_head_attention_forward` on the
+    projected ``q``, ``k``, ``v`` with identity projections (exact), for the weights and
+    ``add_zero_attn``."""
+    E = module.embed_dim
+    eye = torch.eye(E, dtype=dtype, device=q.device)
+    return F.multi_head_attention_forward(
+        q,
+        k,
+        v,
+        E,
+        module.num_heads,
+        None,
+        None,
+        None,
+        None,
+        module.add_zero_attn,
+        0.0,
+        eye,
+        None,
+        training=False,
+        key_padding_mask=key_padding_mask,
+        need_weights=d["need_weights"],
+        attn_mask=attn_mask,
+        use_separate_proj_weight=True,
+        q_proj_weight=eye,
+        k_proj_weight=eye,
+        v_proj_weight=eye,
+        average_attn_weights=d["average_attn_weights"],
+        is_causal=d["is_causal"],
+    )
 
 
 def _pad(x: Tensor, T: int, dim: int) -> Tensor:

@@ -10,9 +10,13 @@ integer shift
 .. math:: s = e - \operatorname{clamp}(e, -E, E), \qquad
     2^{e-1} \le \max |g| < 2^{e} \quad (\text{from } \texttt{torch.frexp}),
 
-where :math:`E` is 32 for a float32 Gramian and 480 for float64 (:func:`limit`). So:
+where :math:`E` is 32 for a float32 Gramian and 480 for float64 (:func:`limit`). For gradients
+formed from a layer's inputs :math:`A` and output gradients :math:`D` (linear, convolution and
+embedding layers), :math:`e` bounds :math:`\max|D| \max|A|` instead, read from the small factors
+and not from the gradients (no pass over them); the gradients are below :math:`2^{e}` times the
+number of positions, which the :math:`2^{64}` of headroom absorbs. So:
 
-* whenever :math:`2^{-E} \le \max|g| < 2^{E}` (every ordinary training step) :math:`s = 0`:
+* whenever :math:`-E \le e \le E` (every ordinary training step) :math:`s = 0`:
   the Gramian is exactly :math:`G`, as if nothing were scaled;
 * otherwise the Gramian is :math:`2^{-2s} G`, formed from scaled factors with entries below
   :math:`2^{E}`, so no product or sum overflows and none underflows far from the largest.
@@ -37,7 +41,7 @@ two more passes to scale, scales the losses instead (:class:`~jdoptim.gramian.Ja
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -110,3 +114,36 @@ def known_zero(shift: Tensor | None) -> bool:
         return False
     return int(shift) == 0  # eager CPU only: no device to synchronise with
 
+
+
+def unless_zero(
+    shift: Tensor | None,
+    plain: Callable[..., Tensor],
+    scaled: Callable[..., Tensor],
+    operands: Sequence[Tensor],
+) -> Tensor:
+    """``plain(*operands)`` when ``shift`` is ``None`` or 0, else ``scaled(shift, *operands)``:
+    skip a pass that multiplies by :math:`2^0 = 1` wherever that costs no synchronisation.
+
+    * Eager on the CPU: a Python branch (:func:`known_zero`).
+    * Compiled for the CPU: :func:`torch.cond`, whose predicate the compiled code reads on the
+      host (free for a CPU tensor): no graph break, no recompilation, and only the branch
+      taken runs.
+    * On an accelerator: always ``scaled`` (reading ``shift`` would synchronise).
+
+    ``plain`` and ``scaled`` must not return (views of) their inputs.
+
+    >>> double = lambda s, x: x * 2.0 ** -s.float()
+    >>> unless_zero(torch.tensor(1), lambda x: x + 0, double, [torch.ones(2)])
+    tensor([0.5000, 0.5000])
+    """
+    if known_zero(shift):
+        return plain(*operands)
+    assert shift is not None
+    if torch.compiler.is_compiling() and shift.device.type == "cpu":
+
+        def unscaled(s: Tensor, *xs: Tensor) -> Tensor:
+            return plain(*xs)
+
+        return torch.cond(shift == 0, unscaled, scaled, (shift, *operands))
+    return scaled(shift, *operands)

@@ -90,10 +90,12 @@ from ._graph import graph_visible, input_node, used_outside
 from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
 from ._layers import (
+    FORMED_MAX_POSITIONS,
     GENERIC,
     Dims,
     EmbeddingFactor,
     Factor,
+    FormedLinearFactor,
     LinearFactor,
     PerSample,
     Rule,
@@ -981,6 +983,14 @@ def scaled_gram(
     return G, shift
 
 
+def formed_cheaper(f: LinearFactor) -> bool:
+    """Whether ``f``'s per-sample gradients are better formed per block and dropped
+    (:class:`~jdoptim.gramian._layers.FormedLinearFactor`) than stored: at most
+    :data:`~jdoptim.gramian._layers.FORMED_MAX_POSITIONS` positions per loss and sample."""
+    T, K = f.A.shape[2], f.D.shape[2]
+    return T <= FORMED_MAX_POSITIONS * K
+
+
 def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) -> list[Factor]:
     """Merge the calls of shared weights and pick ghost or materialised per weight.
 
@@ -1004,15 +1014,17 @@ def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) 
         shared = any(owners[i] > 1 or i in pool.grads for i in fs[0].params)
         if shared:  # reached through several rules: materialise and sum
             for f in fs:
-                pool.add(f.materialize())
+                pool.add(f.materialize(), f.exponent())
             continue
         merged = type(fs[0]).concat(fs)  # type: ignore[arg-type]
         ghost, mat = merged.costs()
         use_ghost = strategy == "ghost" or (strategy == "auto" and ghost <= mat)
         if use_ghost:
             out.append(merged)
+        elif isinstance(merged, LinearFactor) and formed_cheaper(merged):
+            out.append(FormedLinearFactor.of(merged))  # per-sample gradients dropped after use
         else:
-            pool.add(merged.materialize())
+            pool.add(merged.materialize(), merged.exponent())
     if pool.grads:
         out.append(pool)
     return out

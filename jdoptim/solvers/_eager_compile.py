@@ -8,8 +8,9 @@ become dynamic after the first change, so a new m costs one more compilation at 
 user's compiled region the solver is traced into the user's graph as usual.
 
 On by default; ``JDOPTIM_COMPILE_SOLVERS=0`` or :func:`set_eager_compilation` turns it off. If
-compilation fails (e.g. no C++ compiler), a warning is issued once and the plain function is
-used from then on.
+compiling a solver fails (e.g. no C++ compiler, or its recompilation limit is reached), a
+warning is issued once and that solver runs its plain function from then on; the others keep
+their compiled kernels.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ F = TypeVar("F", bound=Callable[..., object])
 
 _state = {"enabled": os.environ.get("JDOPTIM_COMPILE_SOLVERS", "1") != "0"}
 _cache: dict[Callable[..., object], Callable[..., object]] = {}
+_failed: set[Callable[..., object]] = set()  # solvers whose compilation failed: plain from then on
 
 
 def set_eager_compilation(enabled: bool) -> None:
@@ -46,7 +48,7 @@ def eager_compiled(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> object:
-        if torch.compiler.is_compiling() or not _state["enabled"]:
+        if torch.compiler.is_compiling() or not _state["enabled"] or fn in _failed:
             return fn(*args, **kwargs)
         compiled = _cache.get(fn)
         if compiled is None:
@@ -61,7 +63,7 @@ def eager_compiled(fn: F) -> F:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            _state["enabled"] = False
+            _failed.add(fn)
             return fn(*args, **kwargs)
 
     wrapper.plain = fn  # type: ignore[attr-defined]

@@ -189,6 +189,33 @@ def test_ghost_or_materialise_rule() -> None:
     assert mat < ghost
 
 
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("shift", [None, 0, 7, -5])
+def test_formed_factor_equals_stored_and_ghost(shift: int | None) -> None:
+    """A factor whose per-sample gradients are formed per block and dropped gives the ghost's
+    and the stored gradients' Gramian (scaled by 2^-shift) and the same weighted gradient; few
+    positions per sample pick it, a convolution's many positions keep the gradients."""
+    from jdoptim.gramian._layers import Dims, FormedLinearFactor, LinearFactor, PerSample
+    from jdoptim.gramian.layerwise import formed_cheaper
+
+    f = LinearFactor(0, 1, torch.randn(2, 3, 4, 5) * 8, torch.randn(2, 3, 2, 4, 6) / 3)
+    dims = Dims(B=3, K=2, batch_dim=0)
+    s = None if shift is None else torch.tensor(shift, dtype=torch.int32)
+    formed = FormedLinearFactor.of(f)
+    G = formed.gram(dims, s)
+    torch.testing.assert_close(G, f.gram(dims, s), rtol=1e-12, atol=0)
+    torch.testing.assert_close(G, PerSample(f.materialize()).gram(dims, s), rtol=1e-12, atol=0)
+    if shift:
+        torch.testing.assert_close(G * 4.0**shift, formed.gram(dims, None), rtol=1e-12, atol=0)
+    w = torch.randn(3, 2)
+    stored = PerSample(f.materialize()).weighted(w)
+    for i, g in formed.weighted(w).items():
+        torch.testing.assert_close(g, stored[i], rtol=1e-12, atol=1e-12)
+    assert formed_cheaper(f)
+    conv = LinearFactor(0, 1, torch.zeros(1, 32, 900, 27), torch.zeros(1, 32, 1, 900, 16))
+    assert not formed_cheaper(conv)
+
+
 def test_backward_accumulates_like_autograd() -> None:
     torch.manual_seed(4)
     model = seq_model()

@@ -57,6 +57,20 @@ MHA_CALLS = {
     "causal_weights": {"attn_mask": lambda: _causal(T)},
     "causal_padding": {"attn_mask": lambda: _causal(T), "key_padding_mask": _padding},
     "mask_3d": {"attn_mask": lambda: torch.randn(B * 2, T, T)},
+    # need_weights=False: the recomputation merges the masks itself (no identity projections)
+    "padding_no_weights": {"key_padding_mask": _padding, "need_weights": False},
+    "padding_float_no_weights": {
+        "key_padding_mask": lambda: _padding().double() * -1e9,
+        "need_weights": False,
+    },
+    "causal_padding_no_weights": {
+        "attn_mask": lambda: _causal(T),
+        "key_padding_mask": _padding,
+        "is_causal": True,
+        "need_weights": False,
+    },
+    "mask_2d_no_weights": {"attn_mask": lambda: torch.randn(T, T), "need_weights": False},
+    "mask_3d_no_weights": {"attn_mask": lambda: torch.randn(B * 2, T, T), "need_weights": False},
 }
 
 

@@ -129,3 +129,26 @@ def test_bfloat16_jacobian_blocks() -> None:
     w = torch.tensor([0.5, -1.0, 2.0])
     g = result.weighted_gradient(w)[0].double()
     assert torch.equal(g, plain.weighted_gradient(w)[0].double() * 2.0**100)
+
+
+def test_compiled_gramian_skips_the_unit_scaling_exactly() -> None:
+    """Compiled for the CPU, the materialised per-sample gradients are multiplied by 2^-shift
+    only when the shift is not 0 (``torch.cond``): one graph serves both (no recompilation),
+    with eager's results. The ``aot_eager`` backend keeps the test fast; Inductor compiles the
+    same graph in ``test_modules.py::test_compile_fullgraph_matches_eager``."""
+    engine, params, losses_fn = per_sample_setup("materialize")
+
+    def gramian(k: Tensor) -> tuple[Tensor, Tensor]:
+        result = engine.compute(losses_fn() * torch.ldexp(torch.ones(()), k), params)
+        return result.gramian, result.gramian_exponent
+
+    torch._dynamo.reset()
+    compiled = torch.compile(gramian, fullgraph=True, dynamic=False, backend="aot_eager")
+    for k in (0, 100, 0):
+        kt = torch.tensor(k)
+        with torch._dynamo.config.patch(trace_autograd_ops=True, error_on_recompile=True):
+            G, e = compiled(kt)
+        G_eager, e_eager = gramian(kt)
+        assert int(e) == int(e_eager) and (int(e) == 0) == (k == 0)
+        # float32 kernels fused differently: agreement to rounding, not bitwise
+        torch.testing.assert_close(G, G_eager, rtol=1e-4, atol=1e-6 * float(G_eager.abs().max()))

@@ -297,6 +297,31 @@ def test_bucketed_face_solve_equals_one_padded_batch(monkeypatch: pytest.MonkeyP
     torch.testing.assert_close(lam, lam_ref, rtol=1e-12, atol=1e-12)
 
 
+def test_face_systems_of_aliased_sizes_get_one_more_padding_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Systems of 128 unknowns (a multiple of 64) are padded to 129 on the CPU (the
+    factorisation is twice as fast): the face minimiser still satisfies its equations."""
+    m, k = 256, 3
+    g = torch.Generator().manual_seed(4)
+    J = torch.randn(m, m + 8, generator=g, dtype=F64)
+    G = regularize(normalize(J @ J.T, 1e-300), 1e-4)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(G))
+    lower = torch.randn(k, m, generator=g, dtype=F64)
+    active = torch.rand(k, m, generator=g).argsort(-1) < 128  # |A| = |F| = 128 in every row
+    shapes = []
+    cholesky_ex = torch.linalg.cholesky_ex
+    monkeypatch.setattr(
+        torch.linalg, "cholesky_ex", lambda a: shapes.append(a.shape[-1]) or cholesky_ex(a)
+    )
+    v, lam = active_set._face_solve(G, inverse, lower, active, 128)
+    assert shapes == [129]
+    torch.testing.assert_close(v[active], lower[active], rtol=0, atol=0)  # v_A = u_A
+    grad = v @ G
+    torch.testing.assert_close(grad[~active], torch.zeros(k * 128, dtype=F64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(lam[active], grad[active], rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padded_pivoting_matches_eager_pivoting(family: str) -> None:
     """The compiled loop of small m (systems padded to m // 2, rows kept in the batch) takes

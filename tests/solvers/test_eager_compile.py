@@ -52,3 +52,30 @@ def test_switch_is_reported() -> None:
     set_eager_compilation(False)
     assert not _eager_compile.eager_compilation_enabled()
     set_eager_compilation(True)
+
+
+def test_a_failed_compilation_falls_back_for_that_solver_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One solver whose compilation fails warns once and runs its plain function from then on;
+    the other solvers keep their compiled kernels."""
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    def working(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    f, g = _eager_compile.eager_compiled(broken), _eager_compile.eager_compiled(working)
+    calls: list[str] = []
+    monkeypatch.setitem(_eager_compile._cache, broken, fail)
+    monkeypatch.setitem(_eager_compile._cache, working, lambda x: calls.append("g") or x * 2)
+    with pytest.warns(RuntimeWarning, match="could not compile broken"):
+        assert float(f(torch.tensor(1.0))) == 2.0
+    assert float(f(torch.tensor(1.0))) == 2.0  # plain now: no second warning, no error
+    assert float(g(torch.tensor(1.0))) == 2.0 and calls == ["g"]
+    assert _eager_compile.eager_compilation_enabled()
+    _eager_compile._failed.discard(broken)
