@@ -351,7 +351,10 @@ def _shrinking(
     # The free gradient: a zero direction would spend the first conjugate-gradient step (and
     # its product) on nothing when the start is already proportional (a warm start).
     direction = grad * torch.sign(x - lower)
-    stale = torch.zeros_like(x[..., :1])
+    # Contiguous state: the compiled loop's carry must keep its strides (a [1, 1] slice of a
+    # [1, m] tensor has strides (m, 1)).
+    x, grad, direction = x.contiguous(), grad.contiguous(), direction.contiguous()
+    stale = x.new_zeros(k, 1)
     tol = tol.contiguous()
     out = torch.empty_like(lower)
     rows, bounds = torch.arange(k), lower

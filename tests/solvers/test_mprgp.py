@@ -193,13 +193,14 @@ def test_compilation_failure_falls_back_to_eager_with_one_warning(monkeypatch) -
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setitem(_eager_compile._cache, mprgp._mprgp.plain, broken)
+    monkeypatch.setattr(_eager_compile, "_failed", set())  # whatever earlier tests hit
     J = make_jacobian("random", 6, seed=0)
     G_hat = _g_hat(J @ J.T)
     U = torch.eye(6, dtype=F64) / 6
     try:
         with pytest.warns(RuntimeWarning, match="could not compile"):
             out = mprgp_solve(G_hat, U)
-        assert not _eager_compile.eager_compilation_enabled()
+        assert mprgp._mprgp.plain in _eager_compile._failed  # that solver only (test_eager_compile)
         torch.testing.assert_close(
             out, _project(U, J @ J.T, solver="quadprog"), rtol=1e-6, atol=1e-9
         )
@@ -290,3 +291,21 @@ def test_wrong_spectrum_estimates_still_give_the_exact_solution(monkeypatch) -> 
     monkeypatch.setattr(dual_cone, "PIVOT_FIRST_MAX_M", 0)  # MPRGP on every row
     ref = project_weights(U, G, solver="quadprog")
     assert (project_weights(U, G) - ref).abs().max() <= 1e-9 * ref.abs().max()
+
+
+def test_shrinking_single_row_compiles(monkeypatch) -> None:
+    """One row (DualProj's case): the compiled chunk accepts its state (a [1, 1] slice of a
+    [1, m] tensor once made it fail on strides, silently falling back to eager)."""
+    import warnings
+
+    monkeypatch.setattr(_eager_compile, "_failed", set())
+    m = 40
+    J = make_jacobian("aligned_conflict", m, seed=6)
+    G_hat = _g_hat(J @ J.T)
+    U = torch.full((1, m), 1.0 / m, dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        V = mprgp.mprgp_shrinking(G_hat, U, None, 1e-13)
+    assert not [w for w in caught if "could not compile" in str(w.message)]
+    ref = project_weights(U, J @ J.T, norm_eps=1e-4, solver="quadprog")
+    assert (V - ref).abs().max() <= 1e-9 * ref.abs().max()
