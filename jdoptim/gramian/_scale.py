@@ -115,7 +115,6 @@ def known_zero(shift: Tensor | None) -> bool:
     return int(shift) == 0  # eager CPU only: no device to synchronise with
 
 
-
 def unless_zero(
     shift: Tensor | None,
     plain: Callable[..., Tensor],

@@ -32,10 +32,13 @@ _failed: set[Callable[..., object]] = set()  # solvers whose compilation failed:
 
 def set_eager_compilation(enabled: bool) -> None:
     """Choose whether eager calls of jdoptim's solvers run a compiled kernel (default: yes).
+    Turning it on also retries the solvers whose compilation failed.
 
     >>> set_eager_compilation(True)
     """
     _state["enabled"] = bool(enabled)
+    if enabled:
+        _failed.clear()
 
 
 def eager_compilation_enabled() -> bool:

@@ -347,33 +347,45 @@ def solve_cpu(
 
 @eager_compiled
 def pivot_padded(
-    gramian: Tensor, lower: Tensor, init: Tensor | None, n_steps: int
+    gramian: Tensor, lower: Tensor, init: Tensor | None, n_steps: int, size: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """At most ``n_steps`` pivoting steps with every system padded to ``m // 2`` and every row
-    kept in the batch (done rows stop changing): one compiled kernel for the whole loop, which
-    stops once every row is done (CPU; see :func:`~jdoptim.solvers._loop.bounded_loop`).
-    Returns the solution on the rows that are done and the ``[k]`` mask of the rows that are
-    not (their first entry is then the last face solution, clamped to the bounds: hand them
-    to :func:`solve_cpu`). For small ``m`` (measured: 2-3.5x faster than :func:`try_pivoting`
-    at m = 8-32, whose time is per-operation dispatch there); the same steps as
-    :func:`try_pivoting`, so the same result."""
+    """At most ``n_steps`` pivoting steps with every system padded to ``size`` (default
+    ``m // 2``, the largest possible) and every row kept in the batch (done rows stop
+    changing): one compiled kernel for the whole loop, which stops once every row is done
+    (CPU; see :func:`~jdoptim.solvers._loop.bounded_loop`). A row whose next system would
+    exceed ``size`` stops there, undone. Returns the solution on the rows that are done and the
+    ``[k]`` mask of the rows that are not (their first entry is then the last face solution,
+    clamped to the bounds: hand them to :func:`solve_cpu`). For small ``m`` (measured: 2-3.5x
+    faster than :func:`try_pivoting` at m = 8-32, whose time is per-operation dispatch there);
+    the same steps as :func:`try_pivoting`, so the same result."""
     k, m = lower.shape
+    size = m // 2 if size is None else min(size, m // 2)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky_ex(gramian)[0])
     pair = extended_pair(gramian, inverse)
     gramian_scale = gramian.abs().amax()
     active = initial_active(gramian, lower, init)
     best = torch.full((k, 1), m + 1, dtype=torch.int64, device=lower.device)
     tries = torch.full((k, 1), BLOCK_TRIES, dtype=torch.int64, device=lower.device)
-    undone = torch.ones(k, 1, dtype=torch.bool, device=lower.device)
+    todo = torch.ones(k, 1, dtype=torch.int32, device=lower.device)
     done = torch.zeros((), dtype=torch.bool, device=lower.device)
 
     def body(
-        v: Tensor, act: Tensor, best: Tensor, tries: Tensor, todo: Tensor, done: Tensor
+        v: Tensor,
+        act: Tensor,
+        best: Tensor,
+        tries: Tensor,
+        todo: Tensor,
+        left: Tensor,
+        done: Tensor,
     ) -> tuple[Tensor, ...]:
         # The masks are carried as int32: Inductor's CPU code writes boolean tensors slowly
         # (see docs/faq.rst), and a loop carry is written at every step.
         active, undone = act != 0, todo != 0
-        v_new, lam = _face_solve(gramian, inverse, lower, active, m // 2, pair)
+        n_active = active.sum(-1, keepdim=True)
+        fits = torch.minimum(n_active, m - n_active) <= size
+        stopped = (left != 0) | (undone & ~fits)  # too large for the padding: left undone
+        undone = undone & fits
+        v_new, lam = _face_solve(gramian, inverse, lower, active, size, pair)
         bad = _infeasible(v_new, lam, lower, active, gramian_scale)
         v = torch.where(undone, v_new, v)
         undone = undone & bad.any(-1, keepdim=True)
@@ -381,11 +393,14 @@ def pivot_padded(
         active = torch.where(undone, next_active, active)
         best = torch.where(undone, next_best, best)
         tries = torch.where(undone, next_tries, tries)
-        return v, active.to(torch.int32), best, tries, undone.to(torch.int32), ~undone.any()
+        return (
+            v, active.to(torch.int32), best, tries, undone.to(torch.int32),
+            stopped.to(torch.int32), ~undone.any(),
+        )  # fmt: skip
 
-    carry = (lower.clone(), active.to(torch.int32), best, tries, undone.to(torch.int32), done)
-    v, _, _, _, undone, _ = bounded_loop(n_steps, body, carry, done_index=5)
-    return torch.maximum(v, lower), undone.squeeze(-1) != 0
+    carry = (lower.clone(), active.to(torch.int32), best, tries, todo, torch.zeros_like(todo), done)
+    v, _, _, _, todo, left, _ = bounded_loop(n_steps, body, carry, done_index=6)
+    return torch.maximum(v, lower), (todo != 0).squeeze(-1) | (left != 0).squeeze(-1)
 
 
 def try_pivoting(

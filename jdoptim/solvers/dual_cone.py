@@ -43,6 +43,7 @@ from torch import Tensor
 from .active_set import (
     POLISH_RTOL,
     certify,
+    initial_active,
     pivot_limit,
     pivot_padded,
     solve_cpu,
@@ -113,14 +114,25 @@ PADDED_PIVOT_MAX_M = 32
 systems padded to ``m // 2`` (:func:`~jdoptim.solvers.active_set.pivot_padded`); measured,
 2-3.5x faster than the eager pivoting at m = 8-32, where per-operation dispatch dominates."""
 
-PADDED_PIVOT_AFTER_CALLS = 1000
-"""Calls of the CPU solver with ``m <= PADDED_PIVOT_MAX_M`` that run the eager pivoting before
-the compiled loop takes over. Compiling the loop costs about 5 s once per process and saves
-0.3-1 ms a call, so it pays off only after several thousand calls: short scripts, tests and
-demos never compile it, long training runs do (the two take the same steps; results agree to
-rounding)."""
+NARROW_PIVOT_MAX_M = 64
+NARROW_PIVOT_SIZE = 16
+NARROW_PIVOT_START = 12
+"""For ``PADDED_PIVOT_MAX_M < m <= NARROW_PIVOT_MAX_M``, when every row's first system has at
+most ``NARROW_PIVOT_START`` unknowns (per-sample Gramians: about m/6 bounds are free or active),
+the compiled loop runs with systems padded to ``NARROW_PIVOT_SIZE`` instead of ``m // 2``;
+a row whose system outgrows that is left to the eager solver. Measured (2026-11-30, W2's
+per-sample Gramians at m = 64, final systems of 10-16 unknowns): 1.35 ms against 2.0 ms for
+the eager pivoting and 3.9 ms padded to m // 2 (then after PADDED_PIVOT_AFTER_CALLS calls,
+like the small-m loop)."""
 
-_small_calls = [0]  # calls made so far with m <= PADDED_PIVOT_MAX_M (this process)
+PADDED_PIVOT_AFTER_CALLS = 1000
+"""Calls of the CPU solver that could run the compiled loop (:func:`_padded_size`) and run the
+eager pivoting before the compiled loop takes over. Compiling the loop costs about 5 s once per
+process and saves 0.3-1 ms a call, so it pays off only after several thousand calls: short
+scripts, tests and demos never compile it, long training runs do (the two take the same steps;
+results agree to rounding)."""
+
+_small_calls = [0]  # calls made so far that could run the compiled loop (this process)
 
 MPRGP_FIRST_TOL = 1e-13
 """Exit of each row from the MPRGP first phase on the CPU: its projected gradient ``g`` has
@@ -128,6 +140,20 @@ MPRGP_FIRST_TOL = 1e-13
 the default ridge that is the bound :func:`~jdoptim.solvers.active_set.certify` needs
 (``||g|| / reg_eps <= 1e-9 ||u||``): measured, every row of the test bank's families at m = 256
 is certified."""
+
+
+def _padded_size(gramian: Tensor, lower: Tensor, init: Tensor | None) -> int | None:
+    """Padding of the compiled pivoting loop for this call (CPU), or ``None`` (eager path):
+    ``m // 2`` up to :data:`PADDED_PIVOT_MAX_M`, :data:`NARROW_PIVOT_SIZE` up to
+    :data:`NARROW_PIVOT_MAX_M` when the first systems are small enough."""
+    m = lower.shape[-1]
+    if m <= PADDED_PIVOT_MAX_M:
+        return m // 2
+    if m > NARROW_PIVOT_MAX_M:
+        return None
+    n_active = initial_active(gramian, lower, init).sum(-1)
+    first = int(torch.minimum(n_active, m - n_active).amax())  # CPU: no sync
+    return NARROW_PIVOT_SIZE if first <= NARROW_PIVOT_START else None
 
 
 @torch.library.custom_op("jdoptim::dual_cone_cpu", mutates_args=())
@@ -143,11 +169,12 @@ def _dual_cone_cpu(
         # Pivoting first while its systems stay small (then it beats MPRGP); MPRGP (rows leave
         # its batch as they converge), the certificate and pivoting for the rows it leaves.
         m = lower.shape[-1]
-        if m <= PADDED_PIVOT_MAX_M:
+        size = _padded_size(gramian, lower, init)
+        if size is not None:
             _small_calls[0] += 1
-        if m <= PADDED_PIVOT_MAX_M and _small_calls[0] > PADDED_PIVOT_AFTER_CALLS:
+        if size is not None and _small_calls[0] > PADDED_PIVOT_AFTER_CALLS:
             # One compiled loop: at small m the eager pivoting is dispatch-bound.
-            x, undone = pivot_padded(gramian, lower, init, pivot_limit(m))
+            x, undone = pivot_padded(gramian, lower, init, pivot_limit(m), size)
             if bool(undone.any()):  # never seen: finite pivoting, then the proven polish
                 x[undone] = solve_cpu(gramian, lower[undone], mu, kappa, None)
             return x.clone()

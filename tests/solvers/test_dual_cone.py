@@ -18,7 +18,7 @@ from jdoptim.solvers._loop import fixed_loop
 from jdoptim.solvers.dual_cone import condition_bound, project_weights
 from jdoptim.solvers.normalization import normalize, regularize
 
-from .bank import FAMILIES, make_family
+from .bank import FAMILIES, make_family, make_jacobian
 
 F64 = torch.float64
 REG = 1e-4
@@ -350,6 +350,31 @@ def test_rows_left_by_padded_pivoting_are_finished_exactly(
     monkeypatch.setattr(dual_cone, "solve_cpu", lambda *a: calls.append(1) or solve_cpu(*a))
     W = project_weights(U, J @ J.T)
     assert calls, "one step should leave rows undone"
+    assert _rel_err(W, project_weights(U, J @ J.T, solver="quadprog")) < 1e-9
+
+
+def test_narrow_padding_leaves_outgrown_rows_to_the_eager_solver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Systems padded below m // 2: rows whose system outgrows the padding stop, undone (the
+    others are exact), and the CPU operator finishes them; per-sample-like Gramians (small
+    first systems) at 32 < m <= 64 take the narrow padding, and match quadprog."""
+    m = 40
+    J = make_jacobian("aligned_conflict", m, seed=3)  # final systems of 10 to 20 unknowns
+    G_hat = regularize(normalize(J @ J.T, 1e-300), 1e-4)
+    U = torch.eye(m, dtype=F64)
+    x, undone = active_set.pivot_padded(G_hat, U, None, active_set.pivot_limit(m), 16)
+    eager, _, _ = active_set.try_pivoting(G_hat, U, None, active_set.pivot_limit(m))
+    assert undone.any() and not undone.all()
+    torch.testing.assert_close(x[~undone], eager[~undone], rtol=0, atol=1e-13)
+    monkeypatch.setattr(dual_cone, "PADDED_PIVOT_AFTER_CALLS", 0)
+    monkeypatch.setattr(dual_cone, "NARROW_PIVOT_SIZE", 16)
+    monkeypatch.setattr(dual_cone, "NARROW_PIVOT_START", m)
+    sizes = []
+    padded = dual_cone.pivot_padded
+    monkeypatch.setattr(dual_cone, "pivot_padded", lambda *a: sizes.append(a[4]) or padded(*a))
+    W = project_weights(U, J @ J.T)
+    assert sizes == [16]
     assert _rel_err(W, project_weights(U, J @ J.T, solver="quadprog")) < 1e-9
 
 
