@@ -24,6 +24,13 @@ WARM = "--warm" in sys.argv
 """``--warm``: run 2 steps of the variant on a tiny copy of the workload (batch 2, or 2 tasks)
 first, so that one-time costs (code pages of the libraries the variant is the first to call,
 lazy initialisations: several MiB of resident memory) are not counted as the step's memory."""
+HEAP = "--heap" in sys.argv
+"""``--heap``: instead of the growth of the peak resident set size, the peak of the bytes that
+glibc's allocator has handed out (``mallinfo2``, sampled by a thread while the step runs) above
+their level at the start of each step, the largest over 3 steps: the memory a step holds at
+once, like ``torch.cuda.max_memory_allocated``, without the allocator's cached blocks and the
+code pages (Linux with glibc only)."""
+FLAGS = [f for f in ("--warm", "--heap") if f in sys.argv]
 CASES = [("W1", 8), ("W1", 32), ("W2", 64), ("W2", 256), ("W3", 32), ("W4", 32), ("W5", 32)]
 
 
@@ -47,11 +54,50 @@ def _child(name: str, size: int, variant: str) -> None:
     if step is None:
         print(json.dumps(None))
         return
+    if HEAP:
+        for _ in range(2):  # one-time allocations out
+            step()
+        print(json.dumps(max(_heap_peak(step) for _ in range(3))))
+        return
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(3):
         step()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps((after - before) / 1024))
+
+
+def _heap_peak(step) -> float:
+    """MiB: the peak of glibc's bytes in use while ``step()`` runs, above their level before."""
+    import ctypes
+    import threading
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [
+            (n, ctypes.c_size_t)
+            for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                      "uordblks", "fordblks", "keepcost")
+        ]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd  # heap chunks in use + mmap-ed chunks
+
+    start = in_use()
+    peak, running = [start], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], in_use())
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    step()
+    running[0] = False
+    thread.join()
+    return (peak[0] - start) / 2**20
 
 
 def _variant_step(w, variant: str):
@@ -77,18 +123,21 @@ def _variant_step(w, variant: str):
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--warm"]
+    args = [a for a in sys.argv[1:] if a not in ("--warm", "--heap")]
     if len(args) == 3 and args[0] != "--":
         _child(args[0], int(args[1]), args[2])
         return
     variants = ["plain", "jdoptim", "autojac", "autogram", "mtl_backward"]
-    print("peak extra memory over a plain step (MiB)" + (", one-time costs out" if WARM else ""))
+    if HEAP:
+        print("peak bytes in use during a step, above its start (MiB; glibc's allocator)")
+    else:
+        print("peak extra memory over a plain step (MiB)" + (", one-time costs out" * WARM))
     print(f"{'workload':<10}" + "".join(f"{v:>14}" for v in variants))
     for name, size in CASES:
         cells = []
         for variant in variants:
             out = subprocess.run(
-                [sys.executable, __file__, name, str(size), variant, *(["--warm"] if WARM else [])],
+                [sys.executable, __file__, name, str(size), variant, *FLAGS],
                 capture_output=True,
                 text=True,
                 check=False,
