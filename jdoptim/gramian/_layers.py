@@ -204,18 +204,23 @@ class LinearFactor:
         """Bound on the per-sample gradients (up to the factor ``T``): ``max|D| max|A|``."""
         return exponent(self.D) + self._input_exponent()
 
+    def _scaled(self, shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``A`` scaled by ``c = 2**-y`` (below 1), ``D`` by ``2**(y - shift)``, and ``c`` (the
+        bias's input 1, scaled like the inputs): the factors of the gradients scaled by
+        ``2**-shift``. ``shift=None``: the factors as they are and ``c = None``."""
+        if shift is None:
+            return self.A, self.D, None
+        y = self._input_exponent()
+        c = pow2(-y, self.A.dtype)
+        return self.A * c, self.D * pow2(y - shift, self.D.dtype), c
+
     def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
         """The per-sample Gramian of the gradients scaled by ``2**-shift``: the inputs are
         scaled by ``2**-y`` (below 1) and the output gradients by ``2**(y - shift)``."""
         G, B, T, d = self.A.shape
         K, p = dims.K, self.D.shape[-1]
-        A, D, one = self.A, self.D, None
-        if shift is not None:
-            y = self._input_exponent()
-            c = pow2(-y, A.dtype)  # the bias's input 1, scaled like the inputs
-            A = A * c
-            D = D * pow2(y - shift, D.dtype)
-            one = c * c
+        A, D, c = self._scaled(shift)
+        one = None if c is None else c * c
         kernel_first = _kernel_first(B, K, T, p) < _pairwise(B, K, T, p)
         kernel = linear_gram_kernel(self.A.device.type)
         if kernel is not None and not kernel_first:
@@ -279,13 +284,8 @@ class FormedLinearFactor(LinearFactor):
     def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
         """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
         BK = dims.B * dims.K
-        A, D, c = self.A, self.D, None
-        if not known_zero(shift):  # eager CPU with shift 0: nothing to scale
-            assert shift is not None
-            y = self._input_exponent()
-            c = pow2(-y, A.dtype)  # the bias's input 1, scaled like the inputs
-            A = A * c
-            D = D * pow2(y - shift, D.dtype)
+        # Eager CPU with shift 0: nothing to scale.
+        A, D, c = self._scaled(None if known_zero(shift) else shift)
         J = torch.einsum("gbktp,gbtd->bkgpd", D, A).reshape(BK, -1)
         G = J @ J.mT
         if self.bias is not None:
