@@ -459,11 +459,14 @@ class RecurrentRule(ModuleRule):
                     c = None if c0 is None else c0[idx]
                     hs, ghs, prev, ms, projs = [], [], [], [], []
                     steps = range(T - 1, -1, -1) if direction else range(T)
+                    # One unbind, not T selects (each select's backward fills a zero tensor of
+                    # gi's whole size and adds it up: T^2 traffic).
+                    gis = gi.unbind(1)
                     for t in steps:
                         gh = F.linear(h, P["weight_hh" + sfx], P.get("bias_hh" + sfx))
                         prev.append(h)
                         ghs.append(gh)
-                        h, c, m = _cell(module, gi[:, t], gh, h, c, P.get("weight_hr" + sfx))
+                        h, c, m = _cell(module, gis[t], gh, h, c, P.get("weight_hr" + sfx))
                         if m is not None:
                             ms.append(m)
                             projs.append(h)
