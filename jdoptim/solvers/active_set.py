@@ -48,6 +48,7 @@ then the polish for its full proven budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -413,11 +414,12 @@ def try_pivoting(
     lower: Tensor,
     init: Tensor | None,
     max_steps: int,
-    max_size: int | None = None,
+    max_size: int | Callable[[int], int] | None = None,
     with_start: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Pivot (CPU, eager) for at most ``max_steps`` steps, stopping before any step whose
-    systems would have more than ``max_size`` unknowns. Returns the solution (on the rows that
+    systems would have more than ``max_size`` unknowns (a function of the largest first
+    system's size, or a number). Returns the solution (on the rows that
     are done; the bounds elsewhere), the ``[k]`` mask of the rows not done, and for those a
     feasible start no worse than the bounds (:func:`best_start`; ``None`` unless
     ``with_start``: two ``[k, m] @ [m, m]`` products saved)."""
@@ -438,6 +440,8 @@ def try_pivoting(
         n_active = active.sum(-1)
         sizes = torch.minimum(n_active, m - n_active)
         size = int(sizes.amax())  # CPU: no sync
+        if callable(max_size):
+            max_size = max_size(size)
         if max_size is not None and size > max_size:
             break
         if inverse is None:  # factorised only once pivoting is sure to run

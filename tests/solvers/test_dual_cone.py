@@ -359,6 +359,25 @@ def test_padded_pivoting_compiles_for_a_second_padding() -> None:
             torch.testing.assert_close(x, eager, rtol=0, atol=1e-13)
 
 
+def test_pivoting_first_limit_depends_on_the_first_systems() -> None:
+    """``try_pivoting`` fixes a callable size limit from its first systems' largest size, so
+    per-sample-like Gramians (small first systems) may pivot on larger systems than others."""
+    m = 40
+    J = make_jacobian("aligned_conflict", m, seed=3)  # systems grow from the first step on
+    G_hat = regularize(normalize(J @ J.T, 1e-300), 1e-4)
+    U = torch.eye(m, dtype=F64)
+    seen = []
+    _, undone, _ = active_set.try_pivoting(G_hat, U, None, 50, lambda s: seen.append(s) or s)
+    n_active = active_set.initial_active(G_hat, U, None).sum(-1)
+    assert seen == [int(torch.minimum(n_active, m - n_active).amax())]  # evaluated once
+    assert undone.any()  # capped at the first size: the grown systems are left
+    x, undone, _ = active_set.try_pivoting(G_hat, U, None, 50, lambda s: m)
+    assert not undone.any()
+    eager, _, _ = active_set.try_pivoting(G_hat, U, None, 50)
+    torch.testing.assert_close(x, eager, rtol=0, atol=0)
+    assert dual_cone.pivot_first_size(256, 51) == 96 > dual_cone.pivot_first_size(256, 52) == 73
+
+
 def test_rows_left_by_padded_pivoting_are_finished_exactly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
