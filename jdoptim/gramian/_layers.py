@@ -312,12 +312,16 @@ class FormedLinearFactor(LinearFactor):
         return G.reshape(dims.B, dims.K, dims.B, dims.K)
 
 
-CONV_CHUNK_BYTES = 4 * 2**20
+CONV_CHUNK_BYTES = 2 * 2**20
 """Bytes of unfolded inputs (patches) that :meth:`ConvFactor.materialize` forms at once: the
 per-sample gradients of a convolution are formed for as many samples at a time as fit (at
 least one), so the whole batch's patches (``B T C_in k_h k_w`` numbers, often several times the
-layer's input) never exist at once. Chunks of a few MiB are as fast as one product over the
-whole batch on CPU (the patches of a chunk stay in cache)."""
+layer's input) never exist at once. Chunks of 1-4 MiB are as fast as one product over the
+whole batch on CPU (W3: 2 MiB, 8 chunks of 4 samples for its second convolution)."""
+
+CONV_MAX_CHUNKS = 16
+"""At most this many chunks per convolution (larger chunks for large batches): a compiled step
+unrolls the loop over the chunks, so its graph (and compile time) grows with their number."""
 
 
 @dataclass(frozen=True)
@@ -389,9 +393,11 @@ class ConvFactor(LinearFactor):
         return ConvFactor(f.weight, f.bias, calls, torch.cat([g.D for g in factors], dim=3), f.d)
 
     def chunk(self) -> int:
-        """Samples per chunk of :meth:`materialize` (:data:`CONV_CHUNK_BYTES`)."""
+        """Samples per chunk of :meth:`materialize`: :data:`CONV_CHUNK_BYTES` of patches, at
+        least one sample and at least ``B /`` :data:`CONV_MAX_CHUNKS`."""
         G, B, _, T, _ = self.D.shape
-        return max(1, min(B, CONV_CHUNK_BYTES // (G * T * self.d * self.D.element_size())))
+        fit = CONV_CHUNK_BYTES // (G * T * self.d * self.D.element_size())
+        return min(B, max(1, fit, -(-B // CONV_MAX_CHUNKS)))
 
     def materialize(self) -> dict[int, Tensor]:
         B, n = self.D.shape[1], self.chunk()

@@ -96,13 +96,17 @@ def test_exact(name: str, strategy: str, chunk: int | None, monkeypatch) -> None
 
 
 def test_chunk_follows_the_byte_budget(monkeypatch) -> None:
-    """Samples per chunk: as many as :data:`CONV_CHUNK_BYTES` of patches hold, at least one."""
+    """Samples per chunk: as many as :data:`CONV_CHUNK_BYTES` of patches hold, at least one,
+    and at least ``B / CONV_MAX_CHUNKS``."""
     x = torch.zeros(7, 4, 6, 6)
     call = _layers.ConvCall(x, (0, 0, 0, 0), "constant", (3, 3), (1, 1), (1, 1), 2)
     D = torch.zeros(2, 7, 1, 16, 3)  # [G, B, K, T, p]
     f = ConvFactor(0, None, (call,), D, 18)
-    per_sample = 2 * 16 * 18 * 4  # G T d float32 bytes
     assert f.A.shape == (2, 7, 16, 18)
-    for budget, expected in [(1, 1), (per_sample * 3 - 1, 2), (per_sample * 3, 3), (2**30, 7)]:
+    per_sample = 2 * 16 * 18 * 4  # G T d float32 bytes
+    cases = [(1, 7, 1), (1, 3, 3), (per_sample * 3 - 1, 7, 2), (per_sample * 3, 7, 3),
+             (2**30, 7, 7)]  # fmt: skip
+    for budget, most, expected in cases:
         monkeypatch.setattr(_layers, "CONV_CHUNK_BYTES", budget)
+        monkeypatch.setattr(_layers, "CONV_MAX_CHUNKS", most)
         assert f.chunk() == expected
