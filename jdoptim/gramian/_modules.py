@@ -459,11 +459,14 @@ class RecurrentRule(ModuleRule):
                     c = None if c0 is None else c0[idx]
                     hs, ghs, prev, ms, projs = [], [], [], [], []
                     steps = range(T - 1, -1, -1) if direction else range(T)
+                    # One unbind, not T selects (each select's backward fills a zero tensor of
+                    # gi's whole size and adds it up: T^2 traffic).
+                    gis = gi.unbind(1)
                     for t in steps:
                         gh = F.linear(h, P["weight_hh" + sfx], P.get("bias_hh" + sfx))
                         prev.append(h)
                         ghs.append(gh)
-                        h, c, m = _cell(module, gi[:, t], gh, h, c, P.get("weight_hr" + sfx))
+                        h, c, m = _cell(module, gis[t], gh, h, c, P.get("weight_hr" + sfx))
                         if m is not None:
                             ms.append(m)
                             projs.append(h)
@@ -513,12 +516,14 @@ def _cell(
     """One step: the new ``h`` (projected for an LSTM with ``proj_size``), ``c``, and the
     LSTM's unprojected ``o * tanh(c)`` when there is a projection (else ``None``)."""
     if isinstance(module, nn.GRU):
-        ir, iz, inn = gi.chunk(3, -1)
-        hr, hz, hn = gh.chunk(3, -1)
-        r = torch.sigmoid(ir + hr)
-        z = torch.sigmoid(iz + hz)
-        n = torch.tanh(inn + r * hn)
-        return (1 - z) * n + z * h, None, None
+        # r and z in one sigmoid, h' = (1 - z) n + z h as n + z (h - n): 10 autograd nodes a
+        # step instead of 13 (the unrolled backward is dispatch-bound).
+        H = h.shape[-1]
+        i_rz, i_n = gi.split([2 * H, H], -1)
+        h_rz, h_n = gh.split([2 * H, H], -1)
+        r, z = torch.sigmoid(i_rz + h_rz).chunk(2, -1)
+        n = torch.tanh(torch.addcmul(i_n, r, h_n))
+        return torch.addcmul(n, z, h - n), None, None
     if isinstance(module, nn.LSTM):
         i, f, g, o = (gi + gh).chunk(4, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)

@@ -380,6 +380,10 @@ def pivot_padded(
     ) -> tuple[Tensor, ...]:
         # The masks are carried as int32: Inductor's CPU code writes boolean tensors slowly
         # (see docs/faq.rst), and a loop carry is written at every step.
+        # The padding is read from a tensor's length, not from a closed-over int: compiled with
+        # a dynamic ``size`` (a second size seen), a closed-over symbolic int is unbound in
+        # Inductor's loop body ("NameError: name 's49' is not defined").
+        size = padding.shape[0]
         active, undone = act != 0, todo != 0
         n_active = active.sum(-1, keepdim=True)
         fits = torch.minimum(n_active, m - n_active) <= size
@@ -398,8 +402,9 @@ def pivot_padded(
             stopped.to(torch.int32), ~undone.any(),
         )  # fmt: skip
 
-    carry = (lower.clone(), active.to(torch.int32), best, tries, todo, torch.zeros_like(todo), done)
-    v, _, _, _, todo, left, _ = bounded_loop(n_steps, body, carry, done_index=6)
+    padding = torch.zeros(size, dtype=torch.int32, device=lower.device)
+    carry = (lower.clone(), active.to(torch.int32), best, tries, todo, torch.zeros_like(todo))
+    v, _, _, _, todo, left, _ = bounded_loop(n_steps, body, (*carry, done), done_index=6)
     return torch.maximum(v, lower), (todo != 0).squeeze(-1) | (left != 0).squeeze(-1)
 
 

@@ -7,6 +7,8 @@ a random order; scales 2^-27..2^27, about 1e-8..1e8), plus a few large problems.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -334,6 +336,27 @@ def test_padded_pivoting_matches_eager_pivoting(family: str) -> None:
     eager, undone_eager, _ = active_set.try_pivoting(G_hat, U, None, active_set.pivot_limit(m))
     assert not undone.any() and not undone_eager.any()
     torch.testing.assert_close(padded, eager, rtol=0, atol=1e-13)
+
+
+def test_padded_pivoting_compiles_for_a_second_padding() -> None:
+    """A second padding size makes Dynamo compile the loop with a dynamic size; that kernel
+    must compile (it once failed in Inductor, silently falling back to the eager loop) and take
+    the same steps as the eager pivoting."""
+    set_eager_compilation(True)  # retries a solver whose compilation failed earlier
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for m in (8, 10):
+            J = make_family("weak", m, 5, seed=m)
+            G_hat = regularize(normalize(J @ J.T, 1e-300), 1e-4)
+            U = torch.eye(m, dtype=F64)
+            # The size passed as an int, as the CPU operator does (``_padded_size``).
+            limit = active_set.pivot_limit(m)
+            x, undone = active_set.pivot_padded(G_hat, U, None, limit, m // 2)
+            eager, undone_eager, _ = active_set.try_pivoting(
+                G_hat, U, None, active_set.pivot_limit(m)
+            )
+            assert not undone.any() and not undone_eager.any()
+            torch.testing.assert_close(x, eager, rtol=0, atol=1e-13)
 
 
 def test_rows_left_by_padded_pivoting_are_finished_exactly(
