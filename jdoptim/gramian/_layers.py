@@ -327,7 +327,8 @@ unrolls the loop over the chunks, so its graph (and compile time) grows with the
 @dataclass(frozen=True)
 class ConvCall:
     """One call of a convolution: its input ``x`` ``[B, C_in, H, W]`` (a ``Conv1d``'s with
-    ``H = 1``), unpadded, and the geometry that turns it into patches."""
+    ``H = 1``), unpadded and in the layer's dtype, and the geometry that turns it into
+    patches."""
 
     x: Tensor
     pads: tuple[int, ...]
@@ -378,7 +379,9 @@ class ConvFactor(LinearFactor):
         return self._patches(0, self.D.shape[1])
 
     def _patches(self, lo: int, hi: int) -> Tensor:
-        parts = [call.patches(lo, hi) for call in self.calls]
+        """Patches of samples ``lo:hi`` in the factor's dtype (cast per chunk: a low-precision
+        input is not copied whole into the accumulation dtype)."""
+        parts = [call.patches(lo, hi).to(self.D.dtype) for call in self.calls]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     @staticmethod
@@ -596,7 +599,7 @@ class ConvRule(Rule):
         else:
             x, pads = saved, _conv_pads(module, 2)
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        call = ConvCall(x.to(D.dtype), tuple(pads), mode, tuple(ks), tuple(dil), tuple(st), G)
+        call = ConvCall(x, tuple(pads), mode, tuple(ks), tuple(dil), tuple(st), G)
         d = module.in_channels // G * ks[0] * ks[1]
         return [ConvFactor(w, b, (call,), Dt, d)]
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from jdoptim.gramian import _layers, layerwise
@@ -93,6 +95,47 @@ def test_exact(name: str, strategy: str, chunk: int | None, monkeypatch) -> None
     losses = loss_fn(model(torch.randn(shape, dtype=torch.float64)))
     assert_matches_jacobian(engine.compute(losses, params, retain_graph=True), losses, params)
     assert set(engine.report().values()) == {"conv"}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    B=st.integers(1, 5),
+    chunk=st.integers(1, 4),
+    groups=st.integers(1, 2),
+    c_in=st.integers(1, 2),
+    c_out=st.integers(1, 2),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    conv1d=st.booleans(),
+    K=st.integers(1, 2),
+    bias=st.booleans(),
+)
+def test_random_geometry_and_chunks(
+    B, chunk, groups, c_in, c_out, kernel, stride, dilation, padding, mode, conv1d, K, bias
+) -> None:
+    """One convolution of any geometry, its per-sample gradients stored and formed ``chunk``
+    samples at a time: exact against the brute-force Jacobian."""
+    torch.manual_seed(B + 10 * chunk + 100 * kernel)
+    cls, size = (
+        (nn.Conv1d, (B, c_in * groups, 7)) if conv1d else (nn.Conv2d, (B, c_in * groups, 6, 7))
+    )
+    model = nn.Sequential(
+        cls(c_in * groups, c_out * groups, kernel, stride, padding, dilation, groups, bias, mode),
+        nn.Tanh(),
+    ).double()
+    engine = LayerwiseGramianEngine(model, strategy="materialize")
+    no_fallback(engine)
+    params = list(model.parameters())
+    out = model(torch.randn(size, dtype=torch.float64)).flatten(1)
+    losses = torch.stack([(out**2).sum(1), torch.sin(out).sum(1)], 1)[:, :K]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layerwise, "FORMED_MAX_POSITIONS", 0)
+        patch.setattr(ConvFactor, "chunk", lambda self: chunk)
+        result = engine.compute(losses, params, retain_graph=True)
+    assert_matches_jacobian(result, losses, params)
 
 
 def test_chunk_follows_the_byte_budget(monkeypatch) -> None:
