@@ -67,9 +67,9 @@ def gather_batch(
 def _ring_cheaper_to_gather(f: LinearFactor, R: int) -> bool:
     """Bytes a rank sends with ring collectives: all-gather ``(R - 1) x local``, all-reduce
     ``2 (R - 1) / R x size``."""
-    gather = f.A.numel() + f.D.numel()
-    G, _, K, _, p = f.D.shape
-    d = f.A.shape[-1] + (f.bias is not None)
+    G, B, K, T, p = f.D.shape
+    gather = G * B * T * f.in_features + f.D.numel()  # A's size, without forming a ConvFactor's
+    d = f.in_features + (f.bias is not None)
     reduce = G * K * p * d
     return (R - 1) * gather <= 2 * (R - 1) * reduce / R
 

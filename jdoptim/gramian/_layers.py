@@ -9,7 +9,8 @@ materialising them:
 
 * :class:`LinearFactor`: a weight whose per-sample gradient is
   :math:`g_{bk} = \sum_t \delta^k_{bt} a_{bt}^\top` (``nn.Linear``; ``nn.Conv1d/2d`` after
-  ``unfold``, one block per group), with an optional bias :math:`\sum_t \delta^k_{bt}`;
+  ``unfold``, one block per group, :class:`ConvFactor`), with an optional bias
+  :math:`\sum_t \delta^k_{bt}`;
 * :class:`EmbeddingFactor`: ``nn.Embedding``, :math:`g_{bk} = \sum_t e_{i_{bt}}
   (\delta^k_{bt})^\top`;
 * :class:`PerSample`: per-sample gradients ``[B, K, n]`` held in memory.
@@ -134,6 +135,19 @@ def _kernel_first(B: int, K: int, T: int, p: int) -> int:
     return (B * T) ** 2 * K * p + (B * K) ** 2 * T * p
 
 
+def _weight_grads(D: Tensor, A: Tensor) -> Tensor:
+    r"""Per-sample weight gradients ``[B, K, G p d]`` of a linear factor's ``D`` and ``A``:
+    :math:`\sum_t D_{gbkt} A_{gbt}^\top`."""
+    B, K = D.shape[1], D.shape[2]
+    return torch.einsum("gbktp,gbtd->bkgpd", D, A).reshape(B, K, -1)
+
+
+def _bias_grads(D: Tensor) -> Tensor:
+    r"""Per-sample bias gradients ``[B, K, G p]``: :math:`\sum_t D_{gbkt}`."""
+    B, K = D.shape[1], D.shape[2]
+    return D.sum(3).permute(1, 2, 0, 3).reshape(B, K, -1)
+
+
 class LinearFactor:
     r"""Weight (and bias) of a linear map applied position-wise, in ``G`` independent groups.
 
@@ -160,9 +174,14 @@ class LinearFactor:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
 
     @property
+    def in_features(self) -> int:
+        """``d``: the inputs' size per position and group."""
+        return self.A.shape[-1]
+
+    @property
     def key(self) -> tuple:
-        G, _, _, d = self.A.shape
-        return ("linear", self.weight, self.bias, G, d, self.D.shape[-1])
+        G, p = self.D.shape[0], self.D.shape[-1]
+        return ("linear", self.weight, self.bias, G, self.in_features, p)
 
     @staticmethod
     def concat(factors: list[LinearFactor]) -> LinearFactor:
@@ -179,8 +198,8 @@ class LinearFactor:
 
     def costs(self) -> tuple[int, int]:
         """Multiply-adds of (ghost, materialised), Gramian plus weighted gradient."""
-        G, B, T, d = self.A.shape
-        K, p = self.D.shape[2], self.D.shape[-1]
+        G, B, K, T, p = self.D.shape
+        d = self.in_features
         db = d + (self.bias is not None)
         ghost = G * ((B * T) ** 2 * d + min(_pairwise(B, K, T, p), _kernel_first(B, K, T, p)))
         ghost += G * B * T * p * db
@@ -188,11 +207,9 @@ class LinearFactor:
         return ghost, mat
 
     def materialize(self) -> dict[int, Tensor]:
-        G, B, T, d = self.A.shape
-        K = self.D.shape[2]
-        out = {self.weight: torch.einsum("gbktp,gbtd->bkgpd", self.D, self.A).reshape(B, K, -1)}
+        out = {self.weight: _weight_grads(self.D, self.A)}
         if self.bias is not None:
-            out[self.bias] = self.D.sum(3).permute(1, 2, 0, 3).reshape(B, K, -1)
+            out[self.bias] = _bias_grads(self.D)
         return out
 
     def _input_exponent(self) -> Tensor:
@@ -286,13 +303,126 @@ class FormedLinearFactor(LinearFactor):
         BK = dims.B * dims.K
         # Eager CPU with shift 0: nothing to scale.
         A, D, c = self._scaled(None if known_zero(shift) else shift)
-        J = torch.einsum("gbktp,gbtd->bkgpd", D, A).reshape(BK, -1)
+        J = _weight_grads(D, A).reshape(BK, -1)
         G = J @ J.mT
         if self.bias is not None:
-            Jb = D.sum(3).permute(1, 2, 0, 3).reshape(BK, -1)
+            Jb = _bias_grads(D).reshape(BK, -1)
             Jb = Jb if c is None else Jb * c
             G = torch.addmm(G, Jb, Jb.mT)
         return G.reshape(dims.B, dims.K, dims.B, dims.K)
+
+
+CONV_CHUNK_BYTES = 2 * 2**20
+"""Bytes of unfolded inputs (patches) that :meth:`ConvFactor.materialize` forms at once: the
+per-sample gradients of a convolution are formed for as many samples at a time as fit (at
+least one), so the whole batch's patches (``B T C_in k_h k_w`` numbers, often several times the
+layer's input) never exist at once. Chunks of 1-4 MiB are as fast as one product over the
+whole batch on CPU (W3: 2 MiB, 8 chunks of 4 samples for its second convolution)."""
+
+CONV_MAX_CHUNKS = 16
+"""At most this many chunks per convolution (larger chunks for large batches): a compiled step
+unrolls the loop over the chunks, so its graph (and compile time) grows with their number."""
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """One call of a convolution: its input ``x`` ``[B, C_in, H, W]`` (a ``Conv1d``'s with
+    ``H = 1``), unpadded and in the layer's dtype, and the geometry that turns it into
+    patches."""
+
+    x: Tensor
+    pads: tuple[int, ...]
+    """``F.pad`` amounts (last dimension first), all zero for none."""
+    mode: str
+    """``F.pad`` mode."""
+    kernel: tuple[int, int]
+    dilation: tuple[int, int]
+    stride: tuple[int, int]
+    groups: int
+
+    def patches(self, lo: int, hi: int) -> Tensor:
+        """Unfolded inputs ``[G, n, T, d]`` of samples ``lo:hi``."""
+        x = self.x[lo:hi]
+        if any(self.pads):
+            x = F.pad(x, list(self.pads), mode=self.mode)
+        cols = _unfold(x, self.kernel, self.dilation, self.stride)  # [n, C_in * k, T]
+        return cols.reshape(x.shape[0], self.groups, -1, cols.shape[-1]).permute(1, 0, 3, 2)
+
+
+class ConvFactor(LinearFactor):
+    r"""The :class:`LinearFactor` of ``nn.Conv1d`` / ``nn.Conv2d`` calls that keeps the calls'
+    inputs (:class:`ConvCall`) instead of their patches ``A``: the per-sample gradients
+    (:meth:`materialize`, the usual route for convolutions over many positions) are formed
+    :data:`CONV_CHUNK_BYTES` of patches at a time, so the peak memory is that of the gradients
+    (``B K C_out C_in k_h k_w / G`` numbers), not that of the whole batch's patches
+    (``B T C_in k_h k_w``).
+
+    ``A`` (the ghost and formed routes, which pay ``(BT)^2`` or keep few positions) unfolds all
+    samples when read. The exponent bound of the inputs is that of ``x``: the patches only copy
+    entries of ``x`` (or of its padding, zeros or copies of entries), so ``max|A| <= max|x|``.
+    Several calls of one convolution (:meth:`concat`) put their positions side by side, as for
+    a :class:`LinearFactor`.
+    """
+
+    def __init__(
+        self, weight: int, bias: int | None, calls: tuple[ConvCall, ...], D: Tensor, d: int
+    ) -> None:
+        self.weight, self.bias, self.calls, self.D, self.d = weight, bias, calls, D, d
+
+    @property
+    def in_features(self) -> int:
+        return self.d
+
+    @property
+    def A(self) -> Tensor:  # type: ignore[override]
+        """The patches of all samples, ``[G, B, T, d]`` (formed when read)."""
+        return self._patches(0, self.D.shape[1])
+
+    def _patches(self, lo: int, hi: int) -> Tensor:
+        """Patches of samples ``lo:hi`` in the factor's dtype (cast per chunk: a low-precision
+        input is not copied whole into the accumulation dtype)."""
+        parts = [call.patches(lo, hi).to(self.D.dtype) for call in self.calls]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    @staticmethod
+    def concat(factors: list[LinearFactor]) -> LinearFactor:  # type: ignore[override]
+        if len(factors) == 1:
+            return factors[0]
+        if not all(isinstance(f, ConvFactor) for f in factors):
+            return LinearFactor.concat(factors)
+        f = factors[0]
+        assert isinstance(f, ConvFactor)
+        calls = tuple(c for g in factors for c in g.calls)  # type: ignore[attr-defined]
+        return ConvFactor(f.weight, f.bias, calls, torch.cat([g.D for g in factors], dim=3), f.d)
+
+    def chunk(self) -> int:
+        """Samples per chunk of :meth:`materialize`: :data:`CONV_CHUNK_BYTES` of patches, at
+        least one sample and at least ``B /`` :data:`CONV_MAX_CHUNKS`."""
+        G, B, _, T, _ = self.D.shape
+        fit = CONV_CHUNK_BYTES // (G * T * self.d * self.D.element_size())
+        return min(B, max(1, fit, -(-B // CONV_MAX_CHUNKS)))
+
+    def materialize(self) -> dict[int, Tensor]:
+        B, n = self.D.shape[1], self.chunk()
+        parts = [_weight_grads(self.D[:, lo : lo + n], self._patches(lo, lo + n))
+                 for lo in range(0, B, n)]  # fmt: skip
+        out = {self.weight: parts[0] if len(parts) == 1 else torch.cat(parts)}
+        if self.bias is not None:
+            out[self.bias] = _bias_grads(self.D)
+        return out
+
+    def _input_exponent(self) -> Tensor:
+        e = torch.stack([exponent(call.x) for call in self.calls]).amax()
+        return e if self.bias is None else e.clamp(min=1)
+
+    def _linear(self) -> LinearFactor:
+        return LinearFactor(self.weight, self.bias, self.A, self.D)
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
+        return self._linear().gram(dims, shift)
+
+    def weighted(self, w: Tensor) -> dict[int, Tensor]:
+        return self._linear().weighted(w)
 
 
 class EmbeddingFactor:
@@ -354,7 +484,7 @@ class EmbeddingFactor:
         return {self.weight: out.reshape(-1)}
 
 
-Factor = LinearFactor | EmbeddingFactor | PerSample  # FormedLinearFactor is a LinearFactor
+Factor = LinearFactor | EmbeddingFactor | PerSample  # FormedLinearFactor, ConvFactor: linear
 
 
 # --------------------------------------------------------------------------------------- rules
@@ -462,19 +592,16 @@ class ConvRule(Rule):
             if b is None:
                 return []
             return [PerSample({b: Dt.sum(3).permute(1, 2, 0, 3).reshape(B, K, c_out)})]
-        x = saved
         ks, st, dil = module.kernel_size, module.stride, module.dilation
         if isinstance(module, nn.Conv1d):
-            x, ks, st, dil = x.unsqueeze(2), (1, ks[0]), (1, st[0]), (1, dil[0])
+            x, ks, st, dil = saved.unsqueeze(2), (1, ks[0]), (1, st[0]), (1, dil[0])
             pads = _conv_pads(module, 1) + [0, 0]
         else:
-            pads = _conv_pads(module, 2)
-        if any(pads):
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, pads, mode=mode)
-        cols = _unfold(x, ks, dil, st)  # [B, C_in * k, T]
-        A = cols.reshape(B, G, -1, cols.shape[-1]).permute(1, 0, 3, 2)  # [G, B, T, d]
-        return [LinearFactor(w, b, A.to(D.dtype), Dt)]
+            x, pads = saved, _conv_pads(module, 2)
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        call = ConvCall(x, tuple(pads), mode, tuple(ks), tuple(dil), tuple(st), G)
+        d = module.in_channels // G * ks[0] * ks[1]
+        return [ConvFactor(w, b, (call,), Dt, d)]
 
 
 class EmbeddingRule(Rule):

@@ -987,7 +987,7 @@ def formed_cheaper(f: LinearFactor) -> bool:
     """Whether ``f``'s per-sample gradients are better formed per block and dropped
     (:class:`~jdoptim.gramian._layers.FormedLinearFactor`) than stored: at most
     :data:`~jdoptim.gramian._layers.FORMED_MAX_POSITIONS` positions per loss and sample."""
-    T, K = f.A.shape[2], f.D.shape[2]
+    K, T = f.D.shape[2], f.D.shape[3]
     return T <= FORMED_MAX_POSITIONS * K
 
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from jdoptim.gramian import _layers
 from jdoptim.gramian.layerwise import LayerwiseGramianEngine
 
 from ._exact import assert_matches_jacobian
@@ -306,19 +307,26 @@ def test_bad_weights_and_losses() -> None:
 
 
 class Small(nn.Module):
+    """``conv`` over 70 positions: per-sample gradients stored, formed in chunks of samples;
+    ``pool`` over 9: formed per block and dropped (with 2 losses per sample)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(7, 4)
         self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.pool = nn.Conv1d(4, 4, 3, stride=8)
         self.norm = nn.LayerNorm(4)
         self.head = nn.Linear(4, 2)
 
     def forward(self, t: Tensor) -> Tensor:
-        h = self.conv(self.emb(t).transpose(1, 2)).transpose(1, 2)
+        h = self.pool(torch.tanh(self.conv(self.emb(t).transpose(1, 2)))).transpose(1, 2)
         return self.head(torch.tanh(self.norm(h))).mean(1)
 
 
-def test_compile_fullgraph_matches_eager() -> None:
+def test_compile_fullgraph_matches_eager(monkeypatch) -> None:
+    # Chunks of 2 samples of `conv`'s patches (70 positions x 12 float32 each), the last one
+    # partial (B = 5).
+    monkeypatch.setattr(_layers, "CONV_CHUNK_BYTES", 2 * 70 * 12 * 4)
     torch.manual_seed(7)
     model = Small()
     params = list(model.parameters())
@@ -331,7 +339,7 @@ def test_compile_fullgraph_matches_eager() -> None:
         result.backward(w)
         return result.gramian
 
-    t, y = torch.randint(0, 7, (5, 6)), torch.randn(5, 2)
+    t, y = torch.randint(0, 7, (5, 70)), torch.randn(5, 2)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         G_eager = step(t, y)
         g_eager = [p.grad.clone() for p in params]
@@ -348,4 +356,4 @@ def test_compile_fullgraph_matches_eager() -> None:
         assert engine._records == []
         model.zero_grad(set_to_none=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            compiled(torch.randint(0, 7, (5, 6)), torch.randn(5, 2))
+            compiled(torch.randint(0, 7, (5, 70)), torch.randn(5, 2))

@@ -30,6 +30,22 @@ def per_sample_setup(strategy: str):
     return engine, list(model.parameters()), losses
 
 
+def conv_setup(strategy: str):
+    """Convolutions over many positions (per-sample gradients stored) and few (formed)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh(),
+        nn.Conv2d(3, 2, 3, stride=3), nn.Flatten(),
+    )  # fmt: skip
+    engine = LayerwiseGramianEngine(model, strategy=strategy)
+    x = torch.randn(4, 2, 9, 9)
+
+    def losses() -> Tensor:
+        return (model(x) ** 2).reshape(4, 2, 9).sum(2)  # [B, 2]
+
+    return engine, list(model.parameters()), losses
+
+
 def multitask_setup(strategy: str):
     torch.manual_seed(1)
     trunk = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh())
@@ -56,7 +72,12 @@ def jacobian_setup(strategy: str):
     return JacobianEngine(chunk_size=chunk), list(model.parameters()), losses
 
 
-SETUPS = {"jacobian": jacobian_setup, "layerwise": per_sample_setup, "multitask": multitask_setup}
+SETUPS = {
+    "jacobian": jacobian_setup,
+    "layerwise": per_sample_setup,
+    "conv": conv_setup,
+    "multitask": multitask_setup,
+}
 
 
 def run(setup, strategy: str, k: int) -> tuple[Tensor, Tensor, list[Tensor]]:
