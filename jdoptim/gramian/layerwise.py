@@ -280,7 +280,7 @@ class LayerwiseGramianEngine(GramianEngine):
     >>> x, y = torch.randn(5, 3), torch.randn(5, 2)
     >>> losses = ((model(x) - y) ** 2).sum(1)  # one loss per sample, shape [5]
     >>> params = list(model.parameters())
-    >>> result = engine.compute(losses, params)
+    >>> result = engine.compute(losses, params, retain_graph=True)  # differentiated again below
     >>> result.gramian.shape
     torch.Size([5, 5])
     >>> # Same as the Gramian of the per-sample gradients:
@@ -539,6 +539,7 @@ class LayerwiseGramianEngine(GramianEngine):
         dims: Dims,
         bdims: list[int],
         extra: Sequence[Tensor] = (),
+        retain_graph: bool = True,
     ) -> list[Tensor | None]:
         """:math:`\\partial L_{\\cdot k} / \\partial y` for every stored output, as
         ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when ``K > 1``);
@@ -550,7 +551,7 @@ class LayerwiseGramianEngine(GramianEngine):
         n = len(outputs)
         if dims.K == 1:
             grads = torch.autograd.grad(
-                losses.sum(), [*outputs, *extra], retain_graph=True, allow_unused=True
+                losses.sum(), [*outputs, *extra], retain_graph=retain_graph, allow_unused=True
             )
             out: list[Tensor | None] = [
                 None if g is None else g.movedim(bd, 0).unsqueeze(1)
@@ -565,7 +566,7 @@ class LayerwiseGramianEngine(GramianEngine):
             losses,
             [*outputs, *extra],
             grad_outputs=E,
-            retain_graph=True,
+            retain_graph=retain_graph,
             allow_unused=True,
             is_grads_batched=True,
         )
@@ -611,6 +612,9 @@ class LayerwiseGramianEngine(GramianEngine):
 
         ``batch_dim`` is the batch dimension of ``losses`` when it differs from the model's
         (the engine's ``batch_dim``), e.g. ``1`` for ``[K, B]`` losses of a batch-first model.
+        The graph of ``losses`` is freed by the call (as by ``backward()``; the rules need
+        only their one backward, which frees it) unless ``retain_graph``: differentiating
+        ``losses`` again afterwards needs ``retain_graph=True``.
         """
         if torch.compiler.is_compiling() and self._eager_calls:
             # Some calls ran eagerly (a graph break inside the forward, e.g. an nn.GRU, which
@@ -722,7 +726,18 @@ class LayerwiseGramianEngine(GramianEngine):
                 if want(i) and i in self._vmap_only
             )
         )
-        deltas = self._output_grads(losses, outs, dims, bdims, [self._params[i] for i in checked])
+        # The graph of the losses is needed after this backward only by the exact fallback (for
+        # the parameters no rule covers, or those of a generic call whose check fails): without
+        # it, it is freed like ``backward()`` frees it, unless ``retain_graph``.
+        fallback_ahead = (
+            self._mixing
+            or any(s is None or s not in covered for s in slots)
+            or any(isinstance(r.info.rule, VmapRule) for r in mvalid)
+        )
+        keep = retain_graph or fallback_ahead or torch.compiler.is_compiling()
+        deltas = self._output_grads(
+            losses, outs, dims, bdims, [self._params[i] for i in checked], keep
+        )
         totals = dict(zip(checked, deltas[len(outs) :], strict=True))
         dtype = accumulation_dtype(losses.dtype, *(o.dtype for o in outs))
 

@@ -357,3 +357,30 @@ def test_compile_fullgraph_matches_eager(monkeypatch) -> None:
         model.zero_grad(set_to_none=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled(torch.randint(0, 7, (5, 70)), torch.randn(5, 2))
+
+
+def test_graph_freed_unless_retained_or_needed_by_the_fallback() -> None:
+    """Like ``backward()``, ``compute`` frees the graph of the losses by default (the rules
+    need nothing of it after their backward), keeps it with ``retain_graph=True``, and never
+    frees it before the exact fallback has run (a parameter used outside its module)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    engine = LayerwiseGramianEngine(model)
+    params = list(model.parameters())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for retain in (False, True):
+        losses = model(x).square().sum(1)
+        engine.compute(losses, params, retain_graph=retain)
+        if retain:
+            losses.sum().backward()
+        else:
+            with pytest.raises(RuntimeError, match="second time"):
+                losses.sum().backward()
+    # The first layer's weight also used outside its module: exact fallback, same Gramian.
+    losses = model(x).square().sum(1) + (x @ params[0].T).sum(1)
+    result = engine.compute(losses, params, retain_graph=True)
+    assert_matches_jacobian(result, losses, params)
+    losses = model(x).square().sum(1) + (x @ params[0].T).sum(1)
+    G = engine.compute(losses, params).gramian
+    torch.testing.assert_close(G, result.gramian)
+    engine.remove()
