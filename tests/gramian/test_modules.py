@@ -225,6 +225,24 @@ def test_recurrent(name: str, batch_first: bool, initial: bool) -> None:
     check(model, losses, claimed=True)
 
 
+@pytest.mark.parametrize("name", ["lstm_deep_bi_proj", "gru_deep_bi", "rnn_relu"])
+def test_recurrent_every_output_and_several_losses_per_sample(name: str) -> None:
+    """Two losses per sample (the backward batched over K) reaching the output sequence, h_n
+    and an LSTM's c_n, each only through some layers and directions."""
+    rnn, head = _rnn(name, True)
+    model = nn.ModuleList([rnn, head])
+    x = torch.randn(3, 6, 4)
+
+    def losses() -> Tensor:
+        out, h = rnn(x)
+        hn, cn = h if isinstance(h, tuple) else (h, None)
+        first = head(out[:, 2:]).pow(2).sum((1, 2)) + hn[0].pow(3).sum(1)
+        second = hn[-1].sin().sum(1) + (0 if cn is None else cn[1:].pow(2).sum((0, 2)))
+        return torch.stack([first, second], 1)  # [B, 2]
+
+    check(model, losses, claimed=True)
+
+
 def test_recurrent_packed_is_exact() -> None:
     """A packed batch mixes samples along its data: the fallback, exact."""
     rnn, head = _rnn("lstm", True)
