@@ -622,9 +622,8 @@ def _recurrent_backward(
                     d_gh[t] = dh * coef[t][0]
                     dh = d_gh[t] @ w_hh
             gh = torch.stack(d_gh, 2)  # [K, B, T, G H]
-            if gru:  # gi's gradient differs from gh's in the n block only
-                H = Hout
-                gi = torch.cat([gh[..., : 2 * H], torch.stack(a_ns, 2)], -1)
+            if gru:  # gi's gradient differs from gh's in the n block only (no projection)
+                gi = torch.cat([gh[..., : 2 * Hout], torch.stack(a_ns, 2)], -1)
             else:
                 gi = gh
             record.append(("ih" + dr.sfx, dr.inp, gi))
