@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 from torch.nn.utils import parametrize
 
 from ._layers import Dims, Factor, LinearFactor, PerSample, Want
@@ -86,6 +87,11 @@ class Saved:
     """The call's batch size."""
     data: dict = field(default_factory=dict)
     """Rule-specific detached inputs and flags."""
+    edges: list[GradientEdge] = field(default_factory=list)
+    """Edges inside the call's graph whose gradients the rule also wants from the engine's
+    backward (eager only, see :func:`_graph_edges`); their ``deltas`` follow the outputs'."""
+    edge_dims: list[int] = field(default_factory=list)
+    """The batch dimension of the gradient of each of ``edges``."""
 
 
 def _same_class(module: nn.Module, cls: type[nn.Module]) -> bool:
@@ -120,7 +126,8 @@ class ModuleRule:
         want: Want,
     ) -> list[Factor]:
         """Factors of the wanted parameters; ``deltas[j]`` is ``[B, K, *dims of output j but
-        its batch dimension]`` (``None``: the losses do not reach that output)."""
+        its batch dimension]`` (``None``: the losses do not reach that output), followed by the
+        gradients of ``saved.edges`` in the same layout."""
         raise NotImplementedError
 
 
@@ -207,13 +214,43 @@ class AttentionRule(ModuleRule):
             "average_attn_weights": values["average_attn_weights"],
             "is_causal": values["is_causal"],
             "bd": bd,
+            "a_o": None,
         }
-        return Saved(outputs, out_dims, inputs, query.shape[bd], data)
+        saved = Saved(outputs, out_dims, inputs, query.shape[bd], data)
+        if len(outputs) == 1 and not module.add_zero_attn:
+            found = _graph_edges(module, output[0], bd, query, key)
+            if found is not None:  # the gradients of q, k, v come from the engine's backward
+                saved.edges, data["a_o"] = found
+                saved.edge_dims = [0, 0, 0]
+        return saved
 
     def factors(self, module, pidx, saved, deltas, dims, want):
         d = saved.data
         B, K, E = dims.B, dims.K, module.embed_dim
         dtype = next(x for x in deltas if x is not None).dtype
+        D0 = deltas[0]
+        if D0 is None:
+            L = d["query"].shape[1 - d["bd"]]
+            D0 = torch.zeros(B, K, L, E, dtype=dtype, device=d["query"].device)
+        found = _from_graph(module, saved, deltas[len(saved.outputs) :], dims, dtype)
+        if found is None:
+            found = self._recompute(module, saved, deltas, D0, dims)
+        A_o, dq, dk, dv = found
+        return self._factors(module, pidx, saved, D0, A_o, dq, dk, dv, dims, want)
+
+    @staticmethod
+    def _recompute(
+        module: nn.MultiheadAttention,
+        saved: Saved,
+        deltas: list[Tensor | None],
+        D0: Tensor,
+        dims: Dims,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``O`` ``[B, L, E]`` and the gradients of ``Q``, ``K``, ``V`` ``[B, K, T, E]`` from a
+        recomputation of the attention and its backward."""
+        d = saved.data
+        B, K, E = dims.B, dims.K, module.embed_dim
+        dtype = D0.dtype
         wdt = module.out_proj.weight.dtype
         # Inputs in the (L, N, E) layout of F.multi_head_attention_forward.
         q, k, v = (
@@ -253,13 +290,10 @@ class AttentionRule(ModuleRule):
                 o, weights = _attention(qp, kp, vp, module.num_heads, kpm, am, d["is_causal"])
             else:
                 o, weights = _attention_with_weights(module, qp, kp, vp, kpm, am, d, wdt)
-            D0 = deltas[0]
-            if D0 is None:
-                D0 = torch.zeros(B, K, *o.shape[:1], E, dtype=dtype, device=o.device)
             # dL/dO = delta W_o, in the (L, N, E) layout, K first: [K, L, B, E].
             DO = (D0.to(wdt) @ Wo).permute(1, 2, 0, 3)
             outs, cots = [o], [DO]
-            if len(deltas) > 1 and deltas[1] is not None and weights is not None:
+            if len(saved.outputs) > 1 and deltas[1] is not None and weights is not None:
                 outs.append(weights)
                 cots.append(_to_k_first(deltas[1]).to(weights.dtype))
             dq, dk, dv = _grads(outs, [qp, kp, vp], cots, K)
@@ -269,10 +303,31 @@ class AttentionRule(ModuleRule):
                 return torch.zeros(B, K, like.shape[0], E, dtype=dtype, device=like.device)
             return g.permute(2, 0, 1, 3)
 
-        dq, dk, dv = bk_t(dq, q), bk_t(dk, k), bk_t(dv, v)
+        return o.detach().transpose(0, 1), bk_t(dq, q), bk_t(dk, k), bk_t(dv, v)
+
+    @staticmethod
+    def _factors(
+        module: nn.MultiheadAttention,
+        pidx: dict[str, int],
+        saved: Saved,
+        D0: Tensor,
+        A_o: Tensor,
+        dq: Tensor,
+        dk: Tensor,
+        dv: Tensor,
+        dims: Dims,
+        want: Want,
+    ) -> list[Factor]:
+        """The factors of the projections from ``O`` ``[B, L, E]`` (``out_proj``'s input), the
+        gradients ``D0`` of the output and those of ``Q``, ``K``, ``V`` (``[B, K, T, E]``)."""
+        d = saved.data
+        dtype = D0.dtype
+        q, k, v = (
+            d[n] if d["bd"] == 1 else d[n].transpose(0, 1) for n in ("query", "key", "value")
+        )
         factors: list[Factor] = []
         # out_proj: a linear map on O (the attention output before it).
-        A_o = o.detach().transpose(0, 1).unsqueeze(0)  # [1, B, L, E]
+        A_o = A_o.unsqueeze(0)  # [1, B, L, E]
         wo, bo = _wanted(pidx, "out_proj.weight", want), _wanted(pidx, "out_proj.bias", want)
         factors += _linear(wo, bo, A_o, D0.unsqueeze(0), dtype)
         xq, xk, xv = (t.transpose(0, 1) for t in (q, k, v))  # [B, T, d]
@@ -294,6 +349,113 @@ class AttentionRule(ModuleRule):
             if b is not None:
                 factors.append(PerSample({b: torch.cat([g.sum(2) for g in (dq, dk, dv)], -1)}))
         return factors
+
+
+# The kernel whose backward node the graph of a call must hold for :func:`_graph_edges` (the
+# CPU flash attention, which F.scaled_dot_product_attention picks on CPU for these calls; the
+# math backend, other kernels and every other graph fall back to the recomputation).
+_SDPA_NODE = "ScaledDotProductFlashAttentionForCpuBackward0"
+
+
+def _name(node: object) -> str:
+    return type(node).__name__
+
+
+def _next(node: object, i: int, name: str) -> object | None:
+    """The node of edge ``i`` of ``node`` (output 0 of it) when it is a ``name``, else ``None``."""
+    edges = node.next_functions  # type: ignore[attr-defined]
+    if i >= len(edges) or edges[i][1] != 0 or _name(edges[i][0]) != name:
+        return None
+    return edges[i][0]
+
+
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are active (checkpointing, offloading): unpacking a saved
+    tensor in the forward pass could then recompute or move it."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _graph_edges(
+    module: nn.MultiheadAttention, out: Tensor, bd: int, query: Tensor, key: Tensor
+) -> tuple[list[GradientEdge], Tensor] | None:
+    """In the autograd graph of an eager ``need_weights=False`` call (output ``out``), the edges
+    to the ``Q``, ``K``, ``V`` that ``scaled_dot_product_attention`` consumed and ``out_proj``'s
+    input ``O`` ``[L, N, E]``; ``None`` unless the graph is exactly the one
+    :func:`torch.nn.functional.multi_head_attention_forward` builds there.
+
+    That function's graph, from the output back: (``batch_first``: a transpose), a view,
+    ``out_proj`` (``addmm``, or ``mm`` without bias, whose weight must be the module's and
+    whose saved first operand is ``O``), a view, (a clone), ``permute(2, 0, 1, 3)``, the
+    attention kernel (no dropout), whose first three edges are the views ``[N, H, T, E / H]``
+    of the projections that the function made for that call alone, so the gradient there is
+    that of the attention's inputs only. Reads saved tensors (no copies); eager only."""
+    if torch.compiler.is_compiling() or _saved_tensor_hooks():
+        return None
+    node = out.grad_fn
+    if node is None:
+        return None
+    if bd == 0:
+        if _name(node) != "TransposeBackward0":
+            return None
+        node = node.next_functions[0][0]
+    if _name(node) != "ViewBackward0":
+        return None
+    node = node.next_functions[0][0]
+    if _name(node) not in ("AddmmBackward0", "MmBackward0"):
+        return None
+    addmm = _name(node) == "AddmmBackward0"
+    mat1 = _next(node, 1 if addmm else 0, "ViewBackward0")
+    t = _next(node, 2 if addmm else 1, "TBackward0")
+    acc = None if t is None else t.next_functions[0][0]
+    if mat1 is None or getattr(acc, "variable", None) is not module.out_proj.weight:
+        return None
+    A_o = node._saved_mat1 if addmm else node._saved_self
+    node = mat1.next_functions[0][0]
+    if _name(node) == "CloneBackward0":
+        node = node.next_functions[0][0]
+    if _name(node) != "PermuteBackward0" or tuple(node._saved_dims) != (2, 0, 1, 3):
+        return None
+    sdpa = node.next_functions[0][0]
+    if _name(sdpa) != _SDPA_NODE or sdpa._saved_dropout_p != 0.0:
+        return None
+    views = [_next(sdpa, i, "ViewBackward0") for i in range(3)]
+    if any(v is None for v in views) or len(set(views)) != 3:
+        return None
+    E, H = module.embed_dim, module.num_heads
+    N, L, S = query.shape[bd], query.shape[1 - bd], key.shape[1 - bd]
+    shapes = [(N, H, L, E // H), (N, H, S, E // H), (N, H, S, E // H)]
+    saved = [sdpa._saved_query, sdpa._saved_key, sdpa._saved_value]
+    if [tuple(x.shape) for x in saved] != shapes or tuple(A_o.shape) != (L * N, E):
+        return None
+    return [GradientEdge(v, 0) for v in views], A_o.detach().view(L, N, E)
+
+
+def _from_graph(
+    module: nn.MultiheadAttention,
+    saved: Saved,
+    grads: list[Tensor | None],
+    dims: Dims,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """``O`` ``[B, L, E]`` and the gradients of ``Q``, ``K``, ``V`` ``[B, K, T, E]`` from what
+    :func:`_graph_edges` found and the engine's backward gave (``grads``: ``[B, K, H, T, E /
+    H]``), or ``None`` when the call has none of it (the rule then recomputes)."""
+    A_o = saved.data["a_o"]
+    if A_o is None or len(grads) != 3:
+        return None
+    B, K, E, H = dims.B, dims.K, module.embed_dim, module.num_heads
+    L, N, _ = A_o.shape
+    S = saved.data["key"].shape[1 - saved.data["bd"]]
+    out = []
+    for g, T in zip(grads, (L, S, S), strict=True):
+        if g is None:
+            out.append(torch.zeros(B, K, T, E, dtype=dtype, device=A_o.device))
+        elif tuple(g.shape) != (B, K, H, T, E // H):
+            return None
+        else:
+            out.append(g.transpose(2, 3).reshape(B, K, T, E))
+    return (A_o.transpose(0, 1), *out)
 
 
 def _attention(

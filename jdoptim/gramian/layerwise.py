@@ -108,6 +108,8 @@ from ._permodule import VmapRule, check_tolerance, host_readable
 from ._scale import gram_shift
 
 if TYPE_CHECKING:
+    from torch.autograd.graph import GradientEdge
+
     from ..distributed import Communicator
 
 Strategy = Literal["auto", "ghost", "materialize"]
@@ -535,14 +537,15 @@ class LayerwiseGramianEngine(GramianEngine):
     def _output_grads(
         self,
         losses: Tensor,
-        outputs: list[Tensor],
+        outputs: list[Tensor | GradientEdge],
         dims: Dims,
         bdims: list[int],
         extra: Sequence[Tensor] = (),
         retain_graph: bool = True,
     ) -> list[Tensor | None]:
-        """:math:`\\partial L_{\\cdot k} / \\partial y` for every stored output, as
-        ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when ``K > 1``);
+        """:math:`\\partial L_{\\cdot k} / \\partial y` for every stored output (or edge of
+        the graph), as ``[B, K, *other dims]`` (one backward; ``K`` batched backwards when
+        ``K > 1``);
         ``bdims`` holds each output's batch dimension. Then, for each of ``extra`` (parameters),
         :math:`\\sum_b \\partial L_{bk} / \\partial \\theta` as ``[K, n]`` (same backward)."""
         if not outputs:
@@ -710,11 +713,11 @@ class LayerwiseGramianEngine(GramianEngine):
 
         valid = [r for r in valid if any(want(i) for i in r.info.pidx.values())]
         mvalid = [r for r in mvalid if any(want(i) for i in r.info.pidx.values())]
-        outs = [r.output for r in valid]
+        outs: list[Tensor | GradientEdge] = [r.output for r in valid]
         bdims = [dims.batch_dim] * len(valid)
-        for r in mvalid:
-            outs += r.saved.outputs
-            bdims += r.saved.out_dims
+        for r in mvalid:  # a module rule may also want gradients at edges inside the call
+            outs += [*r.saved.outputs, *r.saved.edges]
+            bdims += [*r.saved.out_dims, *r.saved.edge_dims]
         # Parameters that only the generic per-module rule claims: their batched gradients come
         # from the same backward, for its first-order check (see _permodule).
         checked = list(
@@ -739,7 +742,7 @@ class LayerwiseGramianEngine(GramianEngine):
             losses, outs, dims, bdims, [self._params[i] for i in checked], keep
         )
         totals = dict(zip(checked, deltas[len(outs) :], strict=True))
-        dtype = accumulation_dtype(losses.dtype, *(o.dtype for o in outs))
+        dtype = accumulation_dtype(losses.dtype, *(o.dtype for o in outs if isinstance(o, Tensor)))
 
         # The generic per-module rule first: a call whose check fails sends its module's
         # parameters to the fallback, and the other rules must then leave them alone too.
@@ -747,7 +750,7 @@ class LayerwiseGramianEngine(GramianEngine):
         vmapped: list[PerSample] = []
         late: set[int] = set()
         for r in mvalid:
-            n = len(r.saved.outputs)
+            n = len(r.saved.outputs) + len(r.saved.edges)
             Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
             pos += n
             if isinstance(r.info.rule, VmapRule) and any(D is not None for D in Ds):
@@ -774,7 +777,7 @@ class LayerwiseGramianEngine(GramianEngine):
                 factors += r.info.rule.factors(r.info.module, r.info.pidx, r.saved, D, dims, want)
         pos = len(valid)
         for r in mvalid:
-            n = len(r.saved.outputs)
+            n = len(r.saved.outputs) + len(r.saved.edges)
             Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
             pos += n
             if any(D is not None for D in Ds) and not isinstance(r.info.rule, VmapRule):
