@@ -779,10 +779,12 @@ class LayerwiseGramianEngine(GramianEngine):
         for r in mvalid:
             n = len(r.saved.outputs) + len(r.saved.edges)
             Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
+            deltas[pos : pos + n] = [None] * n  # the factors keep what they need, no more
             pos += n
             if any(D is not None for D in Ds) and not isinstance(r.info.rule, VmapRule):
                 rule: ModuleRule = r.info.rule  # type: ignore[assignment]
                 factors += rule.factors(r.info.module, r.info.pidx, r.saved, Ds, dims, want)
+            del Ds
 
         # Exact fallback for the wanted parameters that no rule covers.
         fb_pos = [k for k, s in enumerate(slots) if s is None or s not in covered]
