@@ -408,8 +408,8 @@ def _graph_edges(
     node = out.grad_fn
     if node is None:
         return None
-    if bd == 0:
-        if _name(node) != "TransposeBackward0":
+    if bd == 0:  # attn_output.transpose(1, 0)
+        if _name(node) != "TransposeBackward0" or {node._saved_dim0, node._saved_dim1} != {0, 1}:
             return None
         node = node.next_functions[0][0]
     if _name(node) != "ViewBackward0":
