@@ -7,6 +7,7 @@ a random order; scales 2^-27..2^27, about 1e-8..1e8), plus a few large problems.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -49,6 +50,18 @@ def _assert_kkt(V: torch.Tensor, U: torch.Tensor, G: torch.Tensor, tol: float) -
     assert bool((V @ G_n >= -REG * V.clamp(min=0) - tol * scale).all())
 
 
+@contextlib.contextmanager
+def _native(on: bool):
+    """Route the CPU operator's small-m rows to the compiled active-set method (``on``) or to
+    the torch solver (hypothesis tests draw both, so that both stay covered)."""
+    before = dual_cone.NATIVE_MAX_M
+    dual_cone.NATIVE_MAX_M = before if on else 0
+    try:
+        yield
+    finally:
+        dual_cone.NATIVE_MAX_M = before
+
+
 def _check(J: torch.Tensor, dtype: torch.dtype = F64, tol: float = 1e-6, rows: str = "upgrad"):
     G = (J @ J.T).to(dtype)
     m = G.shape[0]
@@ -72,10 +85,14 @@ def _check(J: torch.Tensor, dtype: torch.dtype = F64, tol: float = 1e-6, rows: s
     n=st.integers(1, 12),
     seed=st.integers(0, 2**31 - 1),
     log2_scale=st.integers(-27, 27),
+    native=st.booleans(),
 )
-def test_families_match_quadprog(family: str, m: int, n: int, seed: int, log2_scale: int) -> None:
+def test_families_match_quadprog(
+    family: str, m: int, n: int, seed: int, log2_scale: int, native: bool
+) -> None:
     J = make_family(family, m, n, seed) * 2.0 ** (log2_scale / 2)
-    _check(J)
+    with _native(native):
+        _check(J)
 
 
 @settings(max_examples=200, deadline=None, database=None)
@@ -84,9 +101,13 @@ def test_families_match_quadprog(family: str, m: int, n: int, seed: int, log2_sc
     m=st.integers(2, 10),
     n=st.integers(1, 12),
     seed=st.integers(0, 2**31 - 1),
+    native=st.booleans(),
 )
-def test_signed_and_dualproj_bounds_match_quadprog(family: str, m: int, n: int, seed: int) -> None:
-    _check(make_family(family, m, n, seed), rows="signed")
+def test_signed_and_dualproj_bounds_match_quadprog(
+    family: str, m: int, n: int, seed: int, native: bool
+) -> None:
+    with _native(native):
+        _check(make_family(family, m, n, seed), rows="signed")
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -96,10 +117,14 @@ def test_signed_and_dualproj_bounds_match_quadprog(family: str, m: int, n: int, 
     n=st.integers(1, 12),
     seed=st.integers(0, 2**31 - 1),
     log2_scale=st.integers(-27, 27),
+    native=st.booleans(),
 )
-def test_float32_matches_quadprog(family: str, m: int, n: int, seed: int, log2_scale: int) -> None:
+def test_float32_matches_quadprog(
+    family: str, m: int, n: int, seed: int, log2_scale: int, native: bool
+) -> None:
     J = make_family(family, m, n, seed) * 2.0 ** (log2_scale / 2)
-    _check(J, dtype=torch.float32, tol=1e-4)
+    with _native(native):
+        _check(J, dtype=torch.float32, tol=1e-4)
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -108,14 +133,16 @@ def test_float32_matches_quadprog(family: str, m: int, n: int, seed: int, log2_s
     m=st.integers(2, 12),
     n=st.integers(1, 12),
     seed=st.integers(0, 2**31 - 1),
+    native=st.booleans(),
 )
-def test_permutation_equivariance(family: str, m: int, n: int, seed: int) -> None:
+def test_permutation_equivariance(family: str, m: int, n: int, seed: int, native: bool) -> None:
     """``W(P G P^T) = P W(G) P^T`` (UPGrad's rows follow the objectives), to 1e-9."""
     G = (lambda J: J @ J.T)(make_family(family, m, n, seed, permute=False))
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
     U = torch.eye(m, dtype=F64) / m
-    W = project_weights(U, G)
-    W_perm = project_weights(U, G[perm][:, perm])
+    with _native(native):
+        W = project_weights(U, G)
+        W_perm = project_weights(U, G[perm][:, perm])
     scale = float(W.abs().max())
     torch.testing.assert_close(W_perm, W[perm][:, perm], rtol=0, atol=1e-9 * scale)
 
@@ -383,6 +410,7 @@ def test_rows_left_by_padded_pivoting_are_finished_exactly(
 ) -> None:
     """With one pivoting step allowed, rows are left undone; the CPU operator finishes them
     (eager pivoting, then the proven polish) and still matches quadprog."""
+    monkeypatch.setattr(dual_cone, "NATIVE_MAX_M", 0)  # the torch solver's path
     J = make_family("strong", 10, 6, seed=2)
     U = torch.eye(10, dtype=F64)
     monkeypatch.setattr(dual_cone, "PADDED_PIVOT_AFTER_CALLS", 0)
@@ -401,6 +429,7 @@ def test_narrow_padding_leaves_outgrown_rows_to_the_eager_solver(
     """Systems padded below m // 2: rows whose system outgrows the padding stop, undone (the
     others are exact), and the CPU operator finishes them; per-sample-like Gramians (small
     first systems) at 32 < m <= 64 take the narrow padding, and match quadprog."""
+    monkeypatch.setattr(dual_cone, "NATIVE_MAX_M", 0)  # the torch solver's path
     m = 40
     J = make_jacobian("aligned_conflict", m, seed=3)  # final systems of 10 to 20 unknowns
     G_hat = regularize(normalize(J @ J.T, 1e-300), 1e-4)
@@ -425,6 +454,7 @@ def test_compiled_pivoting_takes_over_after_the_warm_up_calls(
 ) -> None:
     """Small m: the eager pivoting for the first PADDED_PIVOT_AFTER_CALLS calls of a process
     (nothing to compile for short runs), the compiled loop after them; same weights."""
+    monkeypatch.setattr(dual_cone, "NATIVE_MAX_M", 0)  # the torch solver's path
     J = make_family("weak", 9, 5, seed=4)
     U = torch.eye(9, dtype=F64)
     monkeypatch.setattr(dual_cone, "PADDED_PIVOT_AFTER_CALLS", 2)

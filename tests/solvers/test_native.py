@@ -1,0 +1,103 @@
+"""The compiled active-set method (jdoptim.solvers.native) and how the CPU operator checks it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jdoptim.solvers import dual_cone, native
+from jdoptim.solvers.active_set import initial_active
+from jdoptim.solvers.dual_cone import project_weights
+from jdoptim.solvers.normalization import normalize, regularize
+
+from .bank import FAMILIES, KINDS, make_family, make_jacobian
+
+F64 = torch.float64
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler")
+
+
+def _g_hat(J: torch.Tensor) -> torch.Tensor:
+    return regularize(normalize(J @ J.T), 1e-4)
+
+
+def test_builds_wherever_a_compiler_is() -> None:
+    """A machine with a C compiler (every CI machine: Inductor needs one too) gets the native
+    path; the test cannot pass by silently running the torch solver everywhere."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    assert native.available()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 7, 33, 64])
+def test_rows_satisfy_kkt_and_match_quadprog(kind: str, m: int) -> None:
+    """Every row finished, KKT to rounding (``v >= u`` exactly, ``lambda >= 0``,
+    complementarity), and equal to quadprog; with and without a warm start."""
+    G = _g_hat(make_jacobian(kind, m, seed=m))
+    g = torch.Generator().manual_seed(m)
+    U = torch.cat([torch.eye(m, dtype=F64), torch.randn(3, m, generator=g, dtype=F64)])
+    ref = dual_cone._quadprog_solve(G, U)
+    for start in (None, ~initial_active(G, U, ref + 0.1)):
+        x, done = native.solve(G, U, start=start)
+        assert bool(done.all())
+        assert bool((x >= U).all())
+        lam = x @ G
+        scale = U.norm(dim=-1, keepdim=True)
+        assert bool((lam >= -1e-12 * scale).all())
+        assert bool(((lam * (x - U)).abs() <= 1e-12 * scale**2).all())
+        torch.testing.assert_close(x, ref, rtol=0, atol=1e-8 * float(ref.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("family", FAMILIES)
+def test_native_equals_torch_solver(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's two paths give the same weights (m = 40, hard families)."""
+    J = make_family(family, 40, 20, seed=5)
+    U = torch.eye(40, dtype=F64) / 40
+    W = project_weights(U, J @ J.T)
+    monkeypatch.setattr(dual_cone, "NATIVE_MAX_M", 0)
+    torch.testing.assert_close(W, project_weights(U, J @ J.T), rtol=0, atol=1e-12)
+
+
+@needs_native
+def test_unfinished_rows_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With too few steps allowed, rows come back unfinished rather than wrong."""
+    G = _g_hat(make_jacobian("lowrank", 32, seed=1))
+    U = torch.eye(32, dtype=F64)
+    monkeypatch.setattr(native, "max_steps", lambda m: 1)
+    _, done = native.solve(G, U)
+    assert not bool(done.all())
+
+
+@needs_native
+def test_operator_solves_what_the_native_method_leaves_or_gets_wrong(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows the native method reports unfinished, and rows it claims finished but that fail the
+    certificate (here: corrupted), are solved by the torch solver: same weights."""
+    J = make_family("strong", 24, 12, seed=3)
+    U = torch.eye(24, dtype=F64)
+    ref = project_weights(U, J @ J.T, solver="quadprog")
+    solve = native.solve
+
+    def corrupted(G, lower, tol=None, start=None):
+        x, done = solve(G, lower, tol, start)
+        x[0] += 1e-3  # claimed done, wrong
+        done[1] = False  # reported unfinished
+        return x, done
+
+    monkeypatch.setattr(native, "solve", corrupted)
+    W = project_weights(U, J @ J.T)
+    torch.testing.assert_close(W, ref, rtol=0, atol=1e-9)
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``JDOPTIM_NATIVE=0``: not built; the operator runs the torch solver, same weights."""
+    J = make_jacobian("conflict", 12, seed=2)
+    U = torch.eye(12, dtype=F64)
+    W = project_weights(U, J @ J.T)
+    monkeypatch.setenv("JDOPTIM_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {})
+    assert not native.available()
+    torch.testing.assert_close(project_weights(U, J @ J.T), W, rtol=0, atol=1e-12)
