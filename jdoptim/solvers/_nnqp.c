@@ -8,9 +8,6 @@
 #include <stddef.h>
 #include <string.h>
 
-#ifndef BLOCK
-#define BLOCK 1
-#endif
 
 /* Cholesky factor L (lower, row-major with leading dimension m) of G restricted to the indices
  * free[0..n), from scratch. Returns 0 on success, -1 if a pivot is not positive. */
@@ -75,30 +72,66 @@ static void face_solve(int m, const double *L, const int *free, int n, const dou
     }
 }
 
-/* One row. s (out, m), lam (work, m), L (work, m*m), free/pos (work, m), z (work, m).
- * start (may be NULL): indices with start[i] != 0 are freed before the first step.
+/* z[k] = s-target of free index free[k] on the face, from the active side (H = G^{-1}): as
+ * G v = lam with lam_F = 0 and v_A = u_A, the multipliers are lam_A = (H_AA)^{-1} u_A (L: a
+ * factor of H_AA) and v_F = H_{F,A} lam_A, so s_F = H_{F,A} lam_A - u_F.
+ * lamA (out): the multipliers, in the order of act. */
+static void face_solve_active(int m, const double *H, const double *L, const int *act, int na,
+                              const int *free, int n, const double *u, double *lamA, double *z)
+{
+    for (int i = 0; i < na; i++) {
+        const double *li = L + (size_t)i * m;
+        double v = u[act[i]];
+        for (int k = 0; k < i; k++)
+            v -= li[k] * lamA[k];
+        lamA[i] = v / li[i];
+    }
+    for (int i = na - 1; i >= 0; i--) {
+        double v = lamA[i];
+        for (int k = i + 1; k < na; k++)
+            v -= L[(size_t)k * m + i] * lamA[k];
+        lamA[i] = v / L[(size_t)i * m + i];
+    }
+    for (int k = 0; k < n; k++) {
+        const double *hf = H + (size_t)free[k] * m;
+        double v = -u[free[k]];
+        for (int a = 0; a < na; a++)
+            v += hf[act[a]] * lamA[a];
+        z[k] = v;
+    }
+}
+
+/* One row. s (out, m), lam (work, m), L (work, m*m), free/act (work, m each), z (work,
+ * m). start (may be NULL): indices with start[i] != 0 are freed before the first step. H (may
+ * be NULL): G^{-1}; with it, a row whose start has fewer active than free indices solves its
+ * faces from the active side (a factor of H_AA instead of G_FF).
  * Returns the number of steps taken (>= 0), or -1 (no convergence within max_steps, or a
  * factorisation failed: the caller solves this row another way). */
-static int solve_row(int m, const double *G, const double *c, const unsigned char *start,
-                     double tol, int max_steps, double *s, double *lam, double *L, int *free,
-                     double *z)
+static int solve_row(int m, const double *G, const double *H, const double *u, const double *c,
+                     const unsigned char *start, double tol, int max_steps, double *s,
+                     double *lam, double *L, int *free, int *act, double *z)
 {
-    int n = 0, steps = 0;
+    int n = 0, na = 0, steps = 0;
     memset(s, 0, sizeof(double) * (size_t)m);
-    if (start != NULL) {
-        for (int i = 0; i < m; i++)
-            if (start[i])
-                free[n++] = i;
-        if (factor(m, G, free, n, L) != 0)
-            n = 0;
+    for (int i = 0; i < m; i++) {
+        if (start != NULL && start[i])
+            free[n++] = i;
+        else
+            act[na++] = i;
     }
+    const int active_side = H != NULL && na < n;
+    if (active_side ? factor(m, H, act, na, L) : factor(m, G, free, n, L))
+        return -1;
     for (;;) {
         /* Minimise on the face {s_i = 0 outside free}; step towards the face's minimiser,
          * stopping at the first bound it crosses, which leaves the free set. */
         for (;;) {
             if (++steps > max_steps)
                 return -1;
-            face_solve(m, L, free, n, c, z);
+            if (active_side)
+                face_solve_active(m, H, L, act, na, free, n, u, lam, z);
+            else
+                face_solve(m, L, free, n, c, z);
             double alpha = 1.0;
             int block = -1;
             for (int i = 0; i < n; i++) {
@@ -123,56 +156,61 @@ static int solve_row(int m, const double *G, const double *c, const unsigned cha
                 int fi = free[i];
                 if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
                     s[fi] = 0.0;
+                    if (active_side && append(m, H, act, na, fi, L) != 0)
+                        return -1;
+                    act[na++] = fi;
                 } else {
                     free[kept++] = fi;
                 }
             }
             n = kept;
-            if (factor(m, G, free, n, L) != 0)
+            if (!active_side && factor(m, G, free, n, L) != 0)
                 return -1;
         }
-        /* Multipliers of the bounds: lam = G s + c; free entries are 0 up to rounding. */
-        for (int i = 0; i < m; i++)
-            lam[i] = c[i];
-        for (int k = 0; k < n; k++) {
-            int fk = free[k];
-            double sk = s[fk];
-            const double *gk = G + (size_t)fk * m;
-            for (int i = 0; i < m; i++)
-                lam[i] += gk[i] * sk;
+        /* Multipliers of the active bounds: lam = G s + c (free entries are 0). After a full
+         * step from the active side they are the face's multipliers, already at hand. */
+        if (!active_side) {
+            for (int a = 0; a < na; a++) {
+                const double *ga = G + (size_t)act[a] * m;
+                double v = c[act[a]];
+                for (int k = 0; k < n; k++)
+                    v += ga[free[k]] * s[free[k]];
+                lam[a] = v;
+            }
         }
         /* Every bound of negative multiplier (below -tol) is freed at once: the face
          * minimiser then has a lower objective, and the step towards it is a descent step. */
-        int freed = 0;
-        for (int i = 0; i < m; i++)
-            z[i] = 0.0;
-        for (int k = 0; k < n; k++)
-            z[free[k]] = 1.0;
-        for (int i = 0; i < m; i++) {
-            if (z[i] == 0.0 && lam[i] < -tol) {
-                if (BLOCK || freed == 0 || lam[i] < lam[free[n - 1]]) {
-                    if (!BLOCK && freed) n--;
-                    if (append(m, G, free, n, i, L) != 0)
-                        return -1;
-                    free[n++] = i;
-                    freed = 1;
-                }
+        int kept = 0, freed = 0;
+        for (int a = 0; a < na; a++) {
+            int i = act[a];
+            if (lam[a] < -tol) {
+                if (!active_side && append(m, G, free, n, i, L) != 0)
+                    return -1;
+                free[n++] = i;
+                freed = 1;
+            } else {
+                act[kept++] = i;
             }
         }
+        na = kept;
         if (!freed)
             return steps;
+        if (active_side && factor(m, H, act, na, L) != 0)
+            return -1;
     }
 }
 
-/* k rows: C and S are k x m (row-major), start is k x m or NULL, steps (out) has k entries.
- * tol[r] is row r's threshold on the multipliers. work: 2m + m*m doubles, m ints. */
-void jdoptim_nnqp(int k, int m, const double *G, const double *C, const unsigned char *start,
-                  const double *tol, int max_steps, double *S, int *steps, double *work,
-                  int *iwork)
+/* k rows: U, C = U G and S are k x m (row-major), start is k x m or NULL, steps (out) has k
+ * entries; H is G^{-1} or NULL. tol[r] is row r's threshold on the multipliers.
+ * work: 2m + m*m doubles; iwork: 2m ints. */
+void jdoptim_nnqp(int k, int m, const double *G, const double *H, const double *U,
+                  const double *C, const unsigned char *start, const double *tol, int max_steps,
+                  double *S, int *steps, double *work, int *iwork)
 {
     double *lam = work, *z = work + m, *L = work + 2 * (size_t)m;
     for (int r = 0; r < k; r++) {
-        steps[r] = solve_row(m, G, C + (size_t)r * m, start ? start + (size_t)r * m : NULL,
-                             tol[r], max_steps, S + (size_t)r * m, lam, L, iwork, z);
+        size_t o = (size_t)r * m;
+        steps[r] = solve_row(m, G, H, U + o, C + o, start ? start + o : NULL, tol[r],
+                             max_steps, S + o, lam, L, iwork, iwork + m, z);
     }
 }

@@ -127,12 +127,17 @@ Gramians need systems of 74-81), ``aligned_conflict`` 84 / 127, the other famili
 this rule keeps the first for those and the second for W2."""
 
 
-NATIVE_MAX_M = 64
-"""On the CPU, for ``m <= NATIVE_MAX_M``, the rows are solved by the compiled primal
-active-set method of :mod:`jdoptim.solvers.native` when it is available (the torch solver
-below takes the rows it does not finish or certify). Measured (2026-12-01, 1 thread, ms per
-call of ``m`` rows on the test bank's kinds, native / torch): m = 32 0.14-0.23 / 1.3-2.5, m =
-64 0.95-2.5 / 3.0-7.1, m = 128 10-34 / 11-26."""
+NATIVE_MAX_M = 96
+NATIVE_ACTIVE_MAX_M = 256
+NATIVE_ACTIVE_FRACTION = 5
+"""On the CPU, for ``m <= NATIVE_MAX_M``, and up to ``NATIVE_ACTIVE_MAX_M`` when every row's
+guessed active set has at most ``m / NATIVE_ACTIVE_FRACTION`` bounds (per-sample Gramians), the
+rows are solved by the compiled primal active-set method of :mod:`jdoptim.solvers.native` when
+it is available; the torch solver takes the rows it does not finish or certify. Measured
+(2026-12-01, 1 thread, median ms per ``UPGradWeighting`` call, native / torch solver): the test
+bank's kinds at m = 32 0.2-0.3 / 1.3-2.5 (torch: the eager pivoting), m = 96 3.8-12.6 /
+5.5-16.7, m = 128 9.0-39 / 6.8-26 (hence the limit); W2's per-sample Gramians (few active
+bounds) m = 64 0.73 / 2.90, m = 128 2.5 / 6.8, m = 256 27 / 47."""
 
 PADDED_PIVOT_MAX_M = 32
 """On the CPU, for ``m <= PADDED_PIVOT_MAX_M`` and once the process has made
@@ -192,10 +197,17 @@ def _dual_cone_cpu(
     with torch.inference_mode():
         gramian, lower = gramian.clone(), lower.clone()
         init = None if init is None else init.clone()
-        if lower.shape[-1] <= NATIVE_MAX_M and native.available():
+        m = lower.shape[-1]
+        start = None
+        if m <= NATIVE_ACTIVE_MAX_M and native.available():
+            # The free sets guessed by a Newton step's rule; rows with few active bounds solve
+            # their faces from the active side (per-sample Gramians: |A| ~ m/8).
+            start = ~initial_active(gramian, lower, init)
+            if m > NATIVE_MAX_M and int((m - start.sum(-1)).amax()) > m // NATIVE_ACTIVE_FRACTION:
+                start = None  # CPU: no sync
+        if start is not None:
             # The compiled active-set method; the rows it does not finish, or that fail the
             # certificate, go to the torch solver.
-            start = None if init is None else ~initial_active(gramian, lower, init)
             x, done = native.solve(gramian, lower, start=start)
             rest = ~(done & certify(gramian, lower, x, mu, POLISH_RTOL))
             if bool(rest.any()):

@@ -100,7 +100,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     fn = lib.jdoptim_nnqp
     fn.restype = None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
     fn.argtypes += [ctypes.c_void_p] * 4
     return lib
 
@@ -151,16 +151,21 @@ def solve(
     if tol is None:
         tol = 1e-15 * U.norm(dim=-1)
     tol = tol.to(torch.float64).contiguous()
+    H = None
     if start is not None:
         start = start.to(torch.uint8).contiguous()
+        if bool((2 * start.sum(-1) > m).any()):  # some rows start with few active bounds
+            H = torch.cholesky_inverse(torch.linalg.cholesky(G)).contiguous()
     S = torch.empty_like(U)
     steps = torch.empty(k, dtype=torch.int32)
     work = torch.empty(m * m + 2 * m, dtype=torch.float64)
-    iwork = torch.empty(m, dtype=torch.int32)
+    iwork = torch.empty(2 * m, dtype=torch.int32)
     lib.jdoptim_nnqp(
         k,
         m,
         G.data_ptr(),
+        None if H is None else H.data_ptr(),
+        U.data_ptr(),
         C.data_ptr(),
         None if start is None else start.data_ptr(),
         tol.data_ptr(),

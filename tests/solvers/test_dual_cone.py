@@ -54,12 +54,12 @@ def _assert_kkt(V: torch.Tensor, U: torch.Tensor, G: torch.Tensor, tol: float) -
 def _native(on: bool):
     """Route the CPU operator's small-m rows to the compiled active-set method (``on``) or to
     the torch solver (hypothesis tests draw both, so that both stay covered)."""
-    before = dual_cone.NATIVE_MAX_M
-    dual_cone.NATIVE_MAX_M = before if on else 0
+    before = dual_cone.NATIVE_ACTIVE_MAX_M
+    dual_cone.NATIVE_ACTIVE_MAX_M = before if on else 0
     try:
         yield
     finally:
-        dual_cone.NATIVE_MAX_M = before
+        dual_cone.NATIVE_ACTIVE_MAX_M = before
 
 
 def _check(J: torch.Tensor, dtype: torch.dtype = F64, tol: float = 1e-6, rows: str = "upgrad"):
@@ -410,7 +410,7 @@ def test_rows_left_by_padded_pivoting_are_finished_exactly(
 ) -> None:
     """With one pivoting step allowed, rows are left undone; the CPU operator finishes them
     (eager pivoting, then the proven polish) and still matches quadprog."""
-    monkeypatch.setattr(dual_cone, "NATIVE_MAX_M", 0)  # the torch solver's path
+    monkeypatch.setattr(dual_cone, "NATIVE_ACTIVE_MAX_M", 0)  # the torch solver's path
     J = make_family("strong", 10, 6, seed=2)
     U = torch.eye(10, dtype=F64)
     monkeypatch.setattr(dual_cone, "PADDED_PIVOT_AFTER_CALLS", 0)
@@ -429,7 +429,7 @@ def test_narrow_padding_leaves_outgrown_rows_to_the_eager_solver(
     """Systems padded below m // 2: rows whose system outgrows the padding stop, undone (the
     others are exact), and the CPU operator finishes them; per-sample-like Gramians (small
     first systems) at 32 < m <= 64 take the narrow padding, and match quadprog."""
-    monkeypatch.setattr(dual_cone, "NATIVE_MAX_M", 0)  # the torch solver's path
+    monkeypatch.setattr(dual_cone, "NATIVE_ACTIVE_MAX_M", 0)  # the torch solver's path
     m = 40
     J = make_jacobian("aligned_conflict", m, seed=3)  # final systems of 10 to 20 unknowns
     G_hat = regularize(normalize(J @ J.T, 1e-300), 1e-4)
@@ -454,7 +454,7 @@ def test_compiled_pivoting_takes_over_after_the_warm_up_calls(
 ) -> None:
     """Small m: the eager pivoting for the first PADDED_PIVOT_AFTER_CALLS calls of a process
     (nothing to compile for short runs), the compiled loop after them; same weights."""
-    monkeypatch.setattr(dual_cone, "NATIVE_MAX_M", 0)  # the torch solver's path
+    monkeypatch.setattr(dual_cone, "NATIVE_ACTIVE_MAX_M", 0)  # the torch solver's path
     J = make_family("weak", 9, 5, seed=4)
     U = torch.eye(9, dtype=F64)
     monkeypatch.setattr(dual_cone, "PADDED_PIVOT_AFTER_CALLS", 2)

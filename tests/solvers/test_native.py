@@ -33,12 +33,16 @@ def test_builds_wherever_a_compiler_is() -> None:
 @pytest.mark.parametrize("m", [1, 7, 33, 64])
 def test_rows_satisfy_kkt_and_match_quadprog(kind: str, m: int) -> None:
     """Every row finished, KKT to rounding (``v >= u`` exactly, ``lambda >= 0``,
-    complementarity), and equal to quadprog; with and without a warm start."""
+    complementarity), and equal to quadprog; from either side, with and without a warm
+    start."""
     G = _g_hat(make_jacobian(kind, m, seed=m))
     g = torch.Generator().manual_seed(m)
     U = torch.cat([torch.eye(m, dtype=F64), torch.randn(3, m, generator=g, dtype=F64)])
     ref = dual_cone._quadprog_solve(G, U)
-    for start in (None, ~initial_active(G, U, ref + 0.1)):
+    every = torch.ones_like(U, dtype=torch.bool)
+    # Faces solved from the free side (no start, or every bound active at the start) or from
+    # the active side (every bound free at the start), and a guessed start.
+    for start in (None, ~every, every, ~initial_active(G, U, ref + 0.1)):
         x, done = native.solve(G, U, start=start)
         assert bool(done.all())
         assert bool((x >= U).all())
@@ -56,7 +60,7 @@ def test_native_equals_torch_solver(family: str, monkeypatch: pytest.MonkeyPatch
     J = make_family(family, 40, 20, seed=5)
     U = torch.eye(40, dtype=F64) / 40
     W = project_weights(U, J @ J.T)
-    monkeypatch.setattr(dual_cone, "NATIVE_MAX_M", 0)
+    monkeypatch.setattr(dual_cone, "NATIVE_ACTIVE_MAX_M", 0)
     torch.testing.assert_close(W, project_weights(U, J @ J.T), rtol=0, atol=1e-12)
 
 
