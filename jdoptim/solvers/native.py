@@ -155,7 +155,9 @@ def solve(
     if start is not None:
         start = start.to(torch.uint8).contiguous()
         if bool((2 * start.sum(-1) > m).any()):  # some rows start with few active bounds
-            H = torch.cholesky_inverse(torch.linalg.cholesky(G)).contiguous()
+            factor, info = torch.linalg.cholesky_ex(G)
+            if int(info) == 0:  # else (not finite, say) every row works from the free side
+                H = torch.cholesky_inverse(factor).contiguous()
     S = torch.empty_like(U)
     steps = torch.empty(k, dtype=torch.int32)
     work = torch.empty(m * m + 2 * m, dtype=torch.float64)
