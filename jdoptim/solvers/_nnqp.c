@@ -54,22 +54,30 @@ static int append(int m, const double *G, const int *free, int n, int j, double 
     return 0;
 }
 
-/* z = -(L L^T)^{-1} c_F on the n free indices. */
-static void face_solve(int m, const double *L, const int *free, int n, const double *c, double *z)
+/* x <- (L L^T)^{-1} x, for the n x n factor L (leading dimension m). */
+static void chol_solve(int m, const double *L, int n, double *x)
 {
     for (int i = 0; i < n; i++) {
         const double *li = L + (size_t)i * m;
-        double v = -c[free[i]];
+        double v = x[i];
         for (int k = 0; k < i; k++)
-            v -= li[k] * z[k];
-        z[i] = v / li[i];
+            v -= li[k] * x[k];
+        x[i] = v / li[i];
     }
     for (int i = n - 1; i >= 0; i--) {
-        double v = z[i];
+        double v = x[i];
         for (int k = i + 1; k < n; k++)
-            v -= L[(size_t)k * m + i] * z[k];
-        z[i] = v / L[(size_t)i * m + i];
+            v -= L[(size_t)k * m + i] * x[k];
+        x[i] = v / L[(size_t)i * m + i];
     }
+}
+
+/* z = -(G_FF)^{-1} c_F on the n free indices (L: a factor of G_FF). */
+static void face_solve(int m, const double *L, const int *free, int n, const double *c, double *z)
+{
+    for (int i = 0; i < n; i++)
+        z[i] = -c[free[i]];
+    chol_solve(m, L, n, z);
 }
 
 /* z[k] = s-target of free index free[k] on the face, from the active side (H = G^{-1}): as
@@ -79,19 +87,9 @@ static void face_solve(int m, const double *L, const int *free, int n, const dou
 static void face_solve_active(int m, const double *H, const double *L, const int *act, int na,
                               const int *free, int n, const double *u, double *lamA, double *z)
 {
-    for (int i = 0; i < na; i++) {
-        const double *li = L + (size_t)i * m;
-        double v = u[act[i]];
-        for (int k = 0; k < i; k++)
-            v -= li[k] * lamA[k];
-        lamA[i] = v / li[i];
-    }
-    for (int i = na - 1; i >= 0; i--) {
-        double v = lamA[i];
-        for (int k = i + 1; k < na; k++)
-            v -= L[(size_t)k * m + i] * lamA[k];
-        lamA[i] = v / L[(size_t)i * m + i];
-    }
+    for (int i = 0; i < na; i++)
+        lamA[i] = u[act[i]];
+    chol_solve(m, L, na, lamA);
     for (int k = 0; k < n; k++) {
         const double *hf = H + (size_t)free[k] * m;
         double v = -u[free[k]];
