@@ -17,8 +17,9 @@ characterised by the KKT conditions :math:`\lambda = \hat G v^\star \geq 0`,
 
 Three solvers:
 
-* ``"torch"`` (default): on the CPU for ``m <= 64`` (:data:`NATIVE_MAX_M`), a primal
-  active-set method compiled from C (:mod:`jdoptim.solvers.native`), each row certified;
+* ``"torch"`` (default): on the CPU for small ``m`` and per-sample Gramians
+  (:data:`NATIVE_MAX_M`), a primal active-set method compiled from C
+  (:mod:`jdoptim.solvers.native`), each row certified;
   otherwise exact block principal pivoting on one shared Cholesky factor, with a
   polish of proven rate (:mod:`jdoptim.solvers.active_set`). Its accuracy does not depend on
   the conditioning: on the CPU it runs until the KKT conditions hold to rounding; on an
