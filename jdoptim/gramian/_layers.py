@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._graph import graph_visible, saved_tensor_hooks_active
 from ._kernels import linear_gram_kernel
 from ._scale import exponent, known_zero, pow2, unless_zero
 
@@ -459,8 +460,11 @@ class EmbeddingFactor:
 
     def materialize(self) -> dict[int, Tensor]:
         B, K, T, p = self.D.shape
-        index = self.idx[:, None, :, None].expand(B, K, T, p)
-        J = self.D.new_zeros(B, K, self.V, p).scatter_add(2, index, self.D)
+        # Row (b K + k) V + i of the [B K V, p] gradients gathers D[b, k, t] for i = idx[b, t]:
+        # one index_add_ into zeros (a scatter_add along V costs a copy and index expansion).
+        base = torch.arange(B * K, device=self.idx.device).reshape(B, K, 1) * self.V
+        rows = (base + self.idx[:, None, :]).reshape(-1)
+        J = self.D.new_zeros(B * K * self.V, p).index_add_(0, rows, self.D.reshape(-1, p))
         return {self.weight: J.reshape(B, K, -1)}
 
     def exponent(self) -> Tensor:
@@ -651,6 +655,9 @@ class AffineNormRule(Rule):
         x = args[0].detach()
         with torch.no_grad():
             if isinstance(module, nn.LayerNorm):
+                xh = _layer_norm_from_graph(module, x, output)
+                if xh is not None:
+                    return xh
                 return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
             if isinstance(module, _RMSNorm):
                 return F.rms_norm(x, module.normalized_shape, None, module.eps)
@@ -694,6 +701,33 @@ class AffineNormRule(Rule):
         if b is not None:
             grads[b] = Dt.sum(2) if not self._channelwise(module) else Dt.sum(3)
         return [PerSample(grads)] if grads else []
+
+
+def _layer_norm_from_graph(module: nn.LayerNorm, x: Tensor, output: Tensor) -> Tensor | None:
+    r""":math:`\hat x = (x - \mu)\, r` of an eager ``nn.LayerNorm`` call from the mean
+    :math:`\mu` and reciprocal deviation :math:`r` that the call's autograd node saved (two
+    element-wise passes instead of a second layer norm); ``None`` (recompute) unless the
+    output's node is ``F.layer_norm``'s on ``x`` itself, in float32/float64, with no saved-tensor
+    hooks. Reads saved tensors (no copies); eager only."""
+    if not graph_visible() or saved_tensor_hooks_active():
+        return None
+    node = output.grad_fn
+    if type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    if x.dtype not in (torch.float32, torch.float64):
+        return None
+    shape = tuple(module.normalized_shape)
+    if tuple(node._saved_normalized_shape) != shape:  # type: ignore[attr-defined]
+        return None
+    saved = node._saved_input  # type: ignore[attr-defined]
+    same = (saved.data_ptr(), saved.shape, saved.stride(), saved.dtype)
+    if same != (x.data_ptr(), x.shape, x.stride(), x.dtype):
+        return None
+    mean, rstd = node._saved_result1, node._saved_result2  # type: ignore[attr-defined]
+    stats = (*x.shape[: x.ndim - len(shape)], *(1,) * len(shape))
+    if tuple(mean.shape) != stats or tuple(rstd.shape) != stats or mean.dtype != x.dtype:
+        return None
+    return (x - mean) * rstd
 
 
 def _instance_ndim(module: nn.Module) -> int:

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.nn.utils import parametrize
 
+from ._graph import saved_tensor_hooks_active
 from ._layers import Dims, Factor, LinearFactor, PerSample, Want
 
 _MHA_ARGS = (
@@ -382,13 +383,6 @@ def _next(node: object, i: int, name: str) -> object | None:
     return edges[i][0]
 
 
-def _saved_tensor_hooks() -> bool:
-    """Whether saved-tensor hooks are active (checkpointing, offloading): unpacking a saved
-    tensor in the forward pass could then recompute or move it."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is not None
-
-
 def _graph_edges(
     module: nn.MultiheadAttention, out: Tensor, bd: int, query: Tensor, key: Tensor
 ) -> tuple[list[GradientEdge], Tensor] | None:
@@ -403,7 +397,7 @@ def _graph_edges(
     attention kernel (no dropout), whose first three edges are the views ``[N, H, T, E / H]``
     of the projections that the function made for that call alone, so the gradient there is
     that of the attention's inputs only. Reads saved tensors (no copies); eager only."""
-    if torch.compiler.is_compiling() or _saved_tensor_hooks():
+    if torch.compiler.is_compiling() or saved_tensor_hooks_active():
         return None
     node = out.grad_fn
     if node is None:
