@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from ._graph import graph_visible, saved_tensor_hooks_active
 from ._kernels import linear_gram_kernel
-from ._scale import exponent, known_zero, pow2, unless_zero
+from ._scale import exponent, exponents, known_zero, pow2, unless_zero
 
 _RMSNorm = getattr(nn, "RMSNorm", nn.LayerNorm)
 
@@ -88,11 +88,19 @@ class PerSample:
     def exponent(self) -> Tensor | None:
         """Bound on the per-sample gradients: ``max|g| < 2**exponent()`` (see ``_scale``),
         up to a factor of the positions for the gradients materialised from a factor."""
+        return self.exponent_of(exponents(self.exponent_inputs()))
+
+    def exponent_inputs(self) -> list[Tensor]:
+        """The tensors whose largest entries :meth:`exponent` reads (:func:`factor_exponents`
+        reads those of all factors at once): the gradients without a bound."""
+        return [J for i, J in self.grads.items() if i not in self.bounds]
+
+    def exponent_of(self, es: list[Tensor]) -> Tensor | None:
+        """:meth:`exponent` from the exponents ``es`` of :meth:`exponent_inputs`."""
         if not self.grads:
             return None
-        bounds = [self.bounds.get(i) for i in self.grads]
-        exact = [exponent(J) for i, J in self.grads.items() if i not in self.bounds]
-        return torch.stack([*(b for b in bounds if b is not None), *exact]).amax()
+        bounds = [self.bounds[i] for i in self.grads if i in self.bounds]
+        return torch.stack([*bounds, *es]).amax()
 
     def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor | None:
         """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
@@ -213,14 +221,32 @@ class LinearFactor:
             out[self.bias] = _bias_grads(self.D)
         return out
 
-    def _input_exponent(self) -> Tensor:
-        """``y``: the inputs (and the bias's constant input 1) are below ``2**y``."""
-        e = exponent(self.A)
-        return e if self.bias is None else e.clamp(min=1)
+    def _inputs(self) -> list[Tensor]:
+        """Tensors holding every entry of the inputs ``A``: ``A`` itself."""
+        return [self.A]
+
+    def _input_exponent(self, es: list[Tensor] | None = None) -> Tensor:
+        """``y``: the inputs (and the bias's constant input 1) are below ``2**y``; ``es``: the
+        exponents of :meth:`_inputs` (read if not given, unless :meth:`exponent_of` did)."""
+        y = getattr(self, "_y", None)
+        if es is None and y is not None:
+            return y
+        es = exponents(self._inputs()) if es is None else es
+        e = es[0] if len(es) == 1 else torch.stack(es).amax()
+        self._y = e if self.bias is None else e.clamp(min=1)
+        return self._y
 
     def exponent(self) -> Tensor:
         """Bound on the per-sample gradients (up to the factor ``T``): ``max|D| max|A|``."""
-        return exponent(self.D) + self._input_exponent()
+        return self.exponent_of(exponents(self.exponent_inputs()))
+
+    def exponent_inputs(self) -> list[Tensor]:
+        """The tensors whose largest entries :meth:`exponent` reads: ``D`` and the inputs."""
+        return [self.D, *self._inputs()]
+
+    def exponent_of(self, es: list[Tensor]) -> Tensor:
+        """:meth:`exponent` from the exponents ``es`` of :meth:`exponent_inputs`."""
+        return es[0] + self._input_exponent(es[1:])
 
     def _scaled(self, shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """``A`` scaled by ``c = 2**-y`` (below 1), ``D`` by ``2**(y - shift)``, and ``c`` (the
@@ -412,9 +438,8 @@ class ConvFactor(LinearFactor):
             out[self.bias] = _bias_grads(self.D)
         return out
 
-    def _input_exponent(self) -> Tensor:
-        e = torch.stack([exponent(call.x) for call in self.calls]).amax()
-        return e if self.bias is None else e.clamp(min=1)
+    def _inputs(self) -> list[Tensor]:
+        return [call.x for call in self.calls]
 
     def _linear(self) -> LinearFactor:
         return LinearFactor(self.weight, self.bias, self.A, self.D)
@@ -471,6 +496,14 @@ class EmbeddingFactor:
         """Bound on the per-sample gradients (up to the factor ``T``)."""
         return exponent(self.D)
 
+    def exponent_inputs(self) -> list[Tensor]:
+        """The tensors whose largest entries :meth:`exponent` reads: ``D``."""
+        return [self.D]
+
+    def exponent_of(self, es: list[Tensor]) -> Tensor:
+        """:meth:`exponent` from the exponent of ``D``."""
+        return es[0]
+
     def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
         """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
         B, K, T, p = self.D.shape
@@ -489,6 +522,20 @@ class EmbeddingFactor:
 
 
 Factor = LinearFactor | EmbeddingFactor | PerSample  # FormedLinearFactor, ConvFactor: linear
+
+
+def factor_exponents(factors: list[Factor]) -> list[Tensor]:
+    """The ``exponent()`` of every factor that has one (the others give none), the largest
+    entries of all their tensors read at once (:func:`~jdoptim.gramian._scale.exponents`)."""
+    inputs = [f.exponent_inputs() for f in factors]
+    flat = exponents([x for xs in inputs for x in xs])
+    out, k = [], 0
+    for f, xs in zip(factors, inputs, strict=True):
+        e = f.exponent_of(flat[k : k + len(xs)])
+        k += len(xs)
+        if e is not None:
+            out.append(e)
+    return out
 
 
 # --------------------------------------------------------------------------------------- rules

@@ -76,6 +76,29 @@ def exponent(x: Tensor) -> Tensor:
     return torch.frexp(amax).exponent
 
 
+def exponents(xs: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`exponent` of each of ``xs``: two reductions per tensor, then the rest for all of
+    them at once (on one device; else one :func:`exponent` per tensor).
+
+    >>> [int(e) for e in exponents([torch.tensor([3.0, -0.5]), torch.zeros(0), torch.ones(2)])]
+    [2, 0, 1]
+    """
+    if len({x.device for x in xs}) != 1:
+        return [exponent(x) for x in xs]
+    top, low = [], []
+    for x in xs:
+        x = x.detach()
+        if x.numel() == 0:
+            zero = torch.zeros((), device=x.device)
+            top.append(zero)
+            low.append(zero)
+        else:
+            top.append(x.amax().float())
+            low.append(x.amin().float())
+    amax = torch.maximum(torch.stack(top), -torch.stack(low))
+    return list(torch.frexp(amax).exponent.unbind())
+
+
 def gram_shift(exponents: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
     """The shift :math:`s` (int32 0-d) for gradients whose entries have the ``exponents``.
 

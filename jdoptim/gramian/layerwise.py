@@ -100,6 +100,7 @@ from ._layers import (
     PerSample,
     Rule,
     exact_call,
+    factor_exponents,
     mixes_samples,
     rule_for,
 )
@@ -993,8 +994,7 @@ def scaled_gram(
 ) -> tuple[Tensor, Tensor]:
     """``[B, K, B, K]`` Gramian of the factors' gradients scaled by ``2**-shift``, and the
     shift (``0`` unless the gradients are huge or tiny: see :mod:`jdoptim.gramian._scale`)."""
-    bounds = [e for e in (f.exponent() for f in factors) if e is not None]
-    shift = gram_shift(bounds, dtype, device)
+    shift = gram_shift(factor_exponents(factors), dtype, device)
     G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device)
     for f in factors:
         g = f.gram(dims, shift)
