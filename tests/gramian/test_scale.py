@@ -189,7 +189,7 @@ def test_exponents_at_once_equal_one_by_one() -> None:
         torch.tensor([float("nan"), 2.0]),
         torch.tensor([-3.0, 0.5], dtype=torch.float64),
         torch.tensor([1e300], dtype=torch.float64),
-        torch.tensor([-2.0**-140, 2.0**-141], dtype=torch.float64),
+        torch.tensor([-(2.0**-140), 2.0**-141], dtype=torch.float64),
         torch.tensor([5, -7]),
     ]
     assert [int(e) for e in exponents(xs)] == [int(exponent(x)) for x in xs]
