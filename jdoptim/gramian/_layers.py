@@ -318,7 +318,9 @@ class FormedLinearFactor(LinearFactor):
 
     Scaling: the inputs are scaled by :math:`2^{-y}` and the output gradients by
     :math:`2^{y-s}` before the product (two passes over the small factors, none over
-    :math:`J`), so the block is that of :math:`2^{-s} J`, as for the ghost form.
+    :math:`J`), so the block is that of :math:`2^{-s} J`, as for the ghost form. A bias is the
+    weight of one more input column, constant (:math:`2^{-y}` once scaled): its gradients are
+    formed with the weight's, in the same product.
     """
 
     @staticmethod
@@ -330,12 +332,14 @@ class FormedLinearFactor(LinearFactor):
         BK = dims.B * dims.K
         # Eager CPU with shift 0: nothing to scale.
         A, D, c = self._scaled(None if known_zero(shift) else shift)
+        if self.bias is not None:
+            # The bias is the weight of a constant input (1, or c once scaled): one more
+            # column of A, so that one product forms both blocks (a separate bias block cost
+            # more than the wider product: W4, 8 layers, about 0.4 ms a step).
+            one = A.new_ones(()) if c is None else c
+            A = torch.cat([A, one.expand(*A.shape[:-1], 1)], dim=-1)
         J = _weight_grads(D, A).reshape(BK, -1)
         G = J @ J.mT
-        if self.bias is not None:
-            Jb = _bias_grads(D).reshape(BK, -1)
-            Jb = Jb if c is None else Jb * c
-            G = torch.addmm(G, Jb, Jb.mT)
         return G.reshape(dims.B, dims.K, dims.B, dims.K)
 
 
