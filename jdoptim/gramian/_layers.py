@@ -113,7 +113,8 @@ class PerSample:
         return G.reshape(dims.B, dims.K, dims.B, dims.K)
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
-        return {i: torch.einsum("bk,bkn->n", w, J) for i, J in self.grads.items()}
+        row = w.reshape(1, -1)  # one product each (einsum costs more to dispatch)
+        return {i: (row @ J.reshape(row.shape[1], -1)).reshape(-1) for i, J in self.grads.items()}
 
 
 def _gram_sum(*Js: Tensor) -> Tensor:
@@ -292,8 +293,11 @@ class LinearFactor:
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
         G, B, T, d = self.A.shape
-        p = self.D.shape[-1]
-        Dw = torch.einsum("bk,gbktp->gbtp", w, self.D).reshape(G, B * T, p)
+        K, p = self.D.shape[2], self.D.shape[-1]
+        if K == 1:  # a product by the weights (einsum costs more to dispatch)
+            Dw = (self.D.squeeze(2) * w.reshape(1, B, 1, 1)).reshape(G, B * T, p)
+        else:
+            Dw = torch.einsum("bk,gbktp->gbtp", w, self.D).reshape(G, B * T, p)
         out = {self.weight: (Dw.mT @ self.A.reshape(G, B * T, d)).reshape(-1)}
         if self.bias is not None:
             out[self.bias] = Dw.sum(1).reshape(-1)
