@@ -248,6 +248,10 @@ def test_formed_factor_equals_stored_and_ghost(shift: int | None) -> None:
     for i, g in formed.weighted(w).items():
         torch.testing.assert_close(g, stored[i], rtol=1e-12, atol=1e-12)
     assert formed_cheaper(f)
+    # Without bias, 1024 numbers per gradient (a zero input column is added): the same.
+    f = LinearFactor(0, None, torch.randn(1, 3, 4, 32) * 8, torch.randn(1, 3, 2, 4, 32) / 3)
+    G = FormedLinearFactor.of(f).gram(dims, s)
+    torch.testing.assert_close(G, PerSample(f.materialize()).gram(dims, s), rtol=1e-12, atol=0)
     conv = LinearFactor(0, 1, torch.zeros(1, 32, 900, 27), torch.zeros(1, 32, 1, 900, 16))
     assert not formed_cheaper(conv)
 
