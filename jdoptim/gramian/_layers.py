@@ -53,6 +53,12 @@ class Dims:
     """The batch dimension of the losses."""
 
 
+def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without a dispatch when ``x`` has it already (the engine makes hundreds of
+    such no-op casts a step; each costs about a microsecond)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _flat(D: Tensor, B: int, K: int, p: int) -> Tensor:
     """``[B, K, ..., p]`` -> ``[B, K, T, p]``."""
     return D.reshape(B, K, -1, p)
@@ -610,7 +616,7 @@ class LinearRule(Rule):
         if w is None:
             return [PerSample({b: Dt.sum(2)})] if b is not None else []
         A = saved.movedim(dims.batch_dim, 0).reshape(1, B, -1, saved.shape[-1])
-        return [LinearFactor(w, b, A.to(D.dtype), Dt.unsqueeze(0))]
+        return [LinearFactor(w, b, as_dtype(A, D.dtype), Dt.unsqueeze(0))]
 
 
 def _conv_pads(module: nn.Conv1d | nn.Conv2d, spatial: int) -> list[int]:
@@ -755,11 +761,11 @@ class AffineNormRule(Rule):
         w, b = _wanted(pidx, "weight", want), _wanted(pidx, "bias", want)
         if self._channelwise(module):
             C = saved.shape[1]
-            xh = saved.reshape(B, 1, C, -1).to(D.dtype)
+            xh = as_dtype(saved.reshape(B, 1, C, -1), D.dtype)
             Dt = D.reshape(B, K, C, -1)
         else:
             n = math.prod(module.normalized_shape)
-            xh = saved.movedim(dims.batch_dim, 0).reshape(B, 1, -1, n).to(D.dtype)
+            xh = as_dtype(saved.movedim(dims.batch_dim, 0).reshape(B, 1, -1, n), D.dtype)
             Dt = D.reshape(B, K, -1, n)
         grads: dict[int, Tensor] = {}
         if w is not None:

@@ -66,7 +66,7 @@ from torch.autograd.graph import GradientEdge
 from torch.nn.utils import parametrize
 
 from ._graph import saved_tensor_hooks_active
-from ._layers import Dims, Factor, LinearFactor, PerSample, Want
+from ._layers import Dims, Factor, LinearFactor, PerSample, Want, as_dtype
 
 _MHA_ARGS = (
     "query",
@@ -148,13 +148,13 @@ class ModuleRule:
 def _linear(w: int | None, b: int | None, A: Tensor, D: Tensor, dtype: torch.dtype) -> list[Factor]:
     """Factors of a linear map with inputs ``A`` ``[G, B, T, d]`` and output gradients ``D``
     ``[G, B, K, T, p]`` (weight ``w``, bias ``b``, either ``None`` when not wanted)."""
-    D = D.to(dtype)
+    D = as_dtype(D, dtype)
     if w is None:
         if b is None:
             return []
         G, B, K, _, p = D.shape
         return [PerSample({b: D.sum(3).permute(1, 2, 0, 3).reshape(B, K, G * p)})]
-    return [LinearFactor(w, b, A.to(dtype), D)]
+    return [LinearFactor(w, b, as_dtype(A, dtype), D)]
 
 
 def _wanted(pidx: dict[str, int], name: str, want: Want) -> int | None:

@@ -93,8 +93,9 @@ def exponents(xs: Sequence[Tensor]) -> list[Tensor]:
             top.append(zero)
             low.append(zero)
         else:
-            top.append(x.amax().float())
-            low.append(x.amin().float())
+            hi, lo = x.amax(), x.amin()
+            top.append(hi if hi.dtype == torch.float32 else hi.float())
+            low.append(lo if lo.dtype == torch.float32 else lo.float())
     amax = torch.maximum(torch.stack(top), -torch.stack(low))
     return list(torch.frexp(amax).exponent.unbind())
 
@@ -107,7 +108,10 @@ def gram_shift(exponents: Sequence[Tensor], dtype: torch.dtype, device: torch.de
     """
     if not exponents:
         return torch.zeros((), dtype=torch.int32, device=device)
-    e = torch.stack([x.to(device=device, dtype=torch.int32) for x in exponents]).amax()
+    same = (torch.int32, device)
+    e = [x if (x.dtype, x.device) == same else x.to(device=device, dtype=torch.int32)
+         for x in exponents]  # fmt: skip
+    e = torch.stack(e).amax()
     hi = limit(dtype)
     return e - e.clamp(-hi, hi)
 

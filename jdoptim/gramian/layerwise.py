@@ -99,6 +99,7 @@ from ._layers import (
     LinearFactor,
     PerSample,
     Rule,
+    as_dtype,
     exact_call,
     factor_exponents,
     mixes_samples,
@@ -211,7 +212,7 @@ class LayerwiseResult(GramianResult):
                 f"{self._losses_shape}), got a tensor of shape {tuple(weights.shape)}."
             )
         w = weights.reshape(self._losses_shape).movedim(dims.loss_dim, 0)
-        return w.reshape(dims.B, dims.K).to(self._dtype)
+        return as_dtype(w.reshape(dims.B, dims.K), self._dtype)
 
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
         r"""Return :math:`\sum_i w_i \nabla_{\theta_p} L_i` for each parameter (``None`` where no
@@ -227,7 +228,7 @@ class LayerwiseResult(GramianResult):
             if slot is None or slot not in sums:
                 out.append(None)
             else:
-                out.append(sums[slot].reshape(p.shape).to(p.dtype))
+                out.append(as_dtype(sums[slot].reshape(p.shape), p.dtype))
         return out
 
     def backward(self, weights: Tensor) -> None:
@@ -752,7 +753,7 @@ class LayerwiseGramianEngine(GramianEngine):
         late: set[int] = set()
         for r in mvalid:
             n = len(r.saved.outputs) + len(r.saved.edges)
-            Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
+            Ds = [None if D is None else as_dtype(D, dtype) for D in deltas[pos : pos + n]]
             pos += n
             if isinstance(r.info.rule, VmapRule) and any(D is not None for D in Ds):
                 grads = self._vmap_grads(r, Ds, dims, want, dtype)
@@ -774,12 +775,12 @@ class LayerwiseGramianEngine(GramianEngine):
         factors: list[Factor] = list(vmapped)
         for r, D in zip(valid, deltas, strict=False):
             if D is not None:
-                D = D.to(dtype)
+                D = as_dtype(D, dtype)
                 factors += r.info.rule.factors(r.info.module, r.info.pidx, r.saved, D, dims, want)
         pos = len(valid)
         for r in mvalid:
             n = len(r.saved.outputs) + len(r.saved.edges)
-            Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
+            Ds = [None if D is None else as_dtype(D, dtype) for D in deltas[pos : pos + n]]
             deltas[pos : pos + n] = [None] * n  # the factors keep what they need, no more
             pos += n
             if any(D is not None for D in Ds) and not isinstance(r.info.rule, VmapRule):
@@ -798,7 +799,7 @@ class LayerwiseGramianEngine(GramianEngine):
             for k, J in zip(fb_pos, self._fallback(losses, fb_params, dims, keep), strict=True):
                 fb_slots[k] = next_slot
                 if J is not None:
-                    pool.add({next_slot: J.to(dtype)})
+                    pool.add({next_slot: as_dtype(J, dtype)})
                 next_slot += 1
 
         prepared = self._prepare(factors, pool)
