@@ -87,7 +87,7 @@ def exponents(xs: Sequence[Tensor]) -> list[Tensor]:
         return [exponent(x) for x in xs]
     top, low = [], []
     for x in xs:
-        x = x.detach()
+        x = x.detach() if x.requires_grad else x
         if x.numel() == 0:
             zero = torch.zeros((), device=x.device)
             top.append(zero)

@@ -228,7 +228,8 @@ class LayerwiseResult(GramianResult):
             if slot is None or slot not in sums:
                 out.append(None)
             else:
-                out.append(as_dtype(sums[slot].reshape(p.shape), p.dtype))
+                g = sums[slot]
+                out.append(as_dtype(g if g.shape == p.shape else g.reshape(p.shape), p.dtype))
         return out
 
     def backward(self, weights: Tensor) -> None:
@@ -559,7 +560,7 @@ class LayerwiseGramianEngine(GramianEngine):
                 losses.sum(), [*outputs, *extra], retain_graph=retain_graph, allow_unused=True
             )
             out: list[Tensor | None] = [
-                None if g is None else g.movedim(bd, 0).unsqueeze(1)
+                None if g is None else (g if bd == 0 else g.movedim(bd, 0)).unsqueeze(1)
                 for g, bd in zip(grads[:n], bdims, strict=True)
             ]
             return out + [None if g is None else _dense(g).reshape(1, -1) for g in grads[n:]]
