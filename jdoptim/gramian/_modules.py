@@ -454,12 +454,19 @@ def _from_graph(
     B, K, E, H = dims.B, dims.K, module.embed_dim, module.num_heads
     L, N, _ = A_o.shape
     S = saved.data["key"].shape[1 - saved.data["bd"]]
+    Ts = (L, S, S)
+    shapes = [(B, K, H, T, E // H) for T in Ts]
+    if any(g is not None and tuple(g.shape) != t for g, t in zip(grads, shapes, strict=True)):
+        return None
+    if L == S and all(g is not None for g in grads):
+        # The heads joined for all three in one copy (views of it: the rule concatenates them
+        # for the in-projection, one more copy, instead of one copy each and then that one).
+        qkv = torch.stack([g.transpose(2, 3) for g in grads], dim=3)  # type: ignore[union-attr]
+        return (A_o.transpose(0, 1), *qkv.reshape(B, K, L, 3, E).unbind(3))
     out = []
-    for g, T in zip(grads, (L, S, S), strict=True):
+    for g, T in zip(grads, Ts, strict=True):
         if g is None:
             out.append(torch.zeros(B, K, T, E, dtype=dtype, device=A_o.device))
-        elif tuple(g.shape) != (B, K, H, T, E // H):
-            return None
         else:
             out.append(g.transpose(2, 3).reshape(B, K, T, E))
     return (A_o.transpose(0, 1), *out)

@@ -997,12 +997,11 @@ def scaled_gram(
     """``[B, K, B, K]`` Gramian of the factors' gradients scaled by ``2**-shift``, and the
     shift (``0`` unless the gradients are huge or tiny: see :mod:`jdoptim.gramian._scale`)."""
     shift = gram_shift(factor_exponents(factors), dtype, device)
-    G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device)
-    for f in factors:
-        g = f.gram(dims, shift)
-        if g is not None:
-            G = G + g
-    return G, shift
+    grams = [g for g in (f.gram(dims, shift) for f in factors) if g is not None]
+    if not grams:
+        return torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device), shift
+    # One stack and one sum (not one addition per factor).
+    return torch.stack([as_dtype(g, dtype) for g in grams]).sum(0), shift
 
 
 def formed_cheaper(f: LinearFactor) -> bool:
