@@ -275,7 +275,7 @@ class LinearFactor:
         scaled by ``2**-y`` (below 1) and the output gradients by ``2**(y - shift)``."""
         G, B, T, d = self.A.shape
         K, p = dims.K, self.D.shape[-1]
-        A, D, c = self._scaled(shift)
+        A, D, c = self._scaled(None if known_zero(shift) else shift)  # eager CPU, 0: as is
         one = None if c is None else c * c
         kernel_first = _kernel_first(B, K, T, p) < _pairwise(B, K, T, p)
         kernel = linear_gram_kernel(self.A.device.type)
