@@ -248,9 +248,9 @@ class AttentionRule(ModuleRule):
             D0 = torch.zeros(B, K, L, E, dtype=dtype, device=d["query"].device)
         found = _from_graph(module, saved, deltas[len(saved.outputs) :], dims, dtype)
         if found is None:
-            found = self._recompute(module, saved, deltas, D0, dims)
-        A_o, dq, dk, dv = found
-        return self._factors(module, pidx, saved, D0, A_o, dq, dk, dv, dims, want)
+            found = (*self._recompute(module, saved, deltas, D0, dims), None)
+        A_o, dq, dk, dv, qkv = found
+        return self._factors(module, pidx, saved, D0, A_o, dq, dk, dv, dims, want, qkv)
 
     @staticmethod
     def _recompute(
@@ -331,9 +331,11 @@ class AttentionRule(ModuleRule):
         dv: Tensor,
         dims: Dims,
         want: Want,
+        qkv: Tensor | None = None,
     ) -> list[Factor]:
         """The factors of the projections from ``O`` ``[B, L, E]`` (``out_proj``'s input), the
-        gradients ``D0`` of the output and those of ``Q``, ``K``, ``V`` (``[B, K, T, E]``)."""
+        gradients ``D0`` of the output and those of ``Q``, ``K``, ``V`` (``[B, K, T, E]``;
+        ``qkv``: the three side by side, ``[B, K, T, 3E]``, when already joined)."""
         d = saved.data
         dtype = D0.dtype
         q, k, v = (
@@ -349,7 +351,7 @@ class AttentionRule(ModuleRule):
         if module._qkv_same_embed_dim:
             w = _wanted(pidx, "in_proj_weight", want)
             if d["self"]:
-                D = torch.cat([dq, dk, dv], dim=-1).unsqueeze(0)
+                D = (torch.cat([dq, dk, dv], dim=-1) if qkv is None else qkv).unsqueeze(0)
                 factors += _linear(w, b, xq.unsqueeze(0), D, dtype)
             else:
                 T = max(xq.shape[1], xk.shape[1])
@@ -444,10 +446,11 @@ def _from_graph(
     grads: list[Tensor | None],
     dims: Dims,
     dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """``O`` ``[B, L, E]`` and the gradients of ``Q``, ``K``, ``V`` ``[B, K, T, E]`` from what
-    :func:`_graph_edges` found and the engine's backward gave (``grads``: ``[B, K, H, T, E /
-    H]``), or ``None`` when the call has none of it (the rule then recomputes)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None] | None:
+    """``O`` ``[B, L, E]``, the gradients of ``Q``, ``K``, ``V`` ``[B, K, T, E]`` and, when all
+    three have the same length, the three side by side ``[B, K, T, 3E]`` (``None`` otherwise),
+    from what :func:`_graph_edges` found and the engine's backward gave (``grads``: ``[B, K, H,
+    T, E / H]``), or ``None`` when the call has none of it (the rule then recomputes)."""
     A_o = saved.data["a_o"]
     if A_o is None or len(grads) != 3:
         return None
@@ -459,17 +462,18 @@ def _from_graph(
     if any(g is not None and tuple(g.shape) != t for g, t in zip(grads, shapes, strict=True)):
         return None
     if L == S and all(g is not None for g in grads):
-        # The heads joined for all three in one copy (views of it: the rule concatenates them
-        # for the in-projection, one more copy, instead of one copy each and then that one).
+        # The heads joined for all three in one copy, which is also the in-projection's output
+        # gradient (one copy each, then their concatenation, cost more).
         qkv = torch.stack([g.transpose(2, 3) for g in grads], dim=3)  # type: ignore[union-attr]
-        return (A_o.transpose(0, 1), *qkv.reshape(B, K, L, 3, E).unbind(3))
+        qkv = qkv.reshape(B, K, L, 3, E)
+        return (A_o.transpose(0, 1), *qkv.unbind(3), qkv.reshape(B, K, L, 3 * E))
     out = []
     for g, T in zip(grads, Ts, strict=True):
         if g is None:
             out.append(torch.zeros(B, K, T, E, dtype=dtype, device=A_o.device))
         else:
             out.append(g.transpose(2, 3).reshape(B, K, T, E))
-    return (A_o.transpose(0, 1), *out)
+    return (A_o.transpose(0, 1), *out, None)
 
 
 def _attention(

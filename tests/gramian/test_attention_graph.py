@@ -49,9 +49,11 @@ class Paths:
                 found = from_graph(module, saved, grads, dims, deltas[0].dtype)
                 assert found is not None, "the graph path was not taken"
                 ref = recompute(module, saved, deltas, deltas[0], dims)
-                for got, want_ in zip(found, ref, strict=True):
+                for got, want_ in zip(found[:4], ref, strict=True):
                     assert got.shape == want_.shape
                     torch.testing.assert_close(got, want_, rtol=1e-12, atol=1e-12)
+                if found[4] is not None:  # Q, K, V's gradients side by side
+                    assert torch.equal(found[4], torch.cat(found[1:4], -1))
                 self.compared += 1
             return original(rule, module, pidx, saved, deltas, dims, want)
 
