@@ -714,6 +714,9 @@ class AffineNormRule(Rule):
     r"""Elementwise affine parameters after a per-sample normalisation, :math:`y = \hat x \odot
     \gamma + \beta`: the hook stores :math:`\hat x` and the per-sample gradients
     :math:`\sum \delta \odot \hat x` and :math:`\sum \delta` are materialised (they are small).
+    :math:`\hat x` is recomputed by a norm without affine parameters, except for an eager
+    ``LayerNorm`` call, whose autograd node saved the mean and reciprocal deviation it needs
+    (:func:`_layer_norm_from_graph`).
 
     ``LayerNorm`` / ``RMSNorm``: :math:`\gamma` has the normalised shape, sums run over the
     other non-batch dimensions. ``GroupNorm``, ``InstanceNorm*`` and ``BatchNorm*`` in eval mode
