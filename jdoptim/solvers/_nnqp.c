@@ -8,6 +8,27 @@
 #include <stddef.h>
 #include <string.h>
 
+/* a . b over n entries, in eight interleaved partial sums: independent chains that the CPU
+ * overlaps (and the compiler may pack into vectors), in a fixed order (deterministic). */
+static double dot(const double *restrict a, const double *restrict b, int n)
+{
+    double p[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; j++)
+            p[j] += a[k + j] * b[k + j];
+    for (; k < n; k++)
+        p[k & 7] += a[k] * b[k];
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+/* y[0..n) += alpha x[0..n). */
+static void axpy(int n, double alpha, const double *restrict x, double *restrict y)
+{
+    for (int k = 0; k < n; k++)
+        y[k] += alpha * x[k];
+}
+
 
 /* Cholesky factor L (lower, row-major with leading dimension m) of G restricted to the indices
  * free[0..n), from scratch. Returns 0 on success, -1 if a pivot is not positive. */
@@ -18,9 +39,7 @@ static int factor(int m, const double *G, const int *free, int n, double *L)
         double *li = L + (size_t)i * m;
         for (int j = 0; j <= i; j++) {
             const double *lj = L + (size_t)j * m;
-            double v = gi[free[j]];
-            for (int k = 0; k < j; k++)
-                v -= li[k] * lj[k];
+            double v = gi[free[j]] - dot(li, lj, j);
             if (j < i) {
                 li[j] = v / lj[j];
             } else {
@@ -41,10 +60,7 @@ static int append(int m, const double *G, const int *free, int n, int j, double 
     double d = gj[j];
     for (int i = 0; i < n; i++) {
         const double *li = L + (size_t)i * m;
-        double v = gj[free[i]];
-        for (int k = 0; k < i; k++)
-            v -= li[k] * ln[k];
-        v /= li[i];
+        double v = (gj[free[i]] - dot(li, ln, i)) / li[i];
         ln[i] = v;
         d -= v * v;
     }
@@ -54,21 +70,46 @@ static int append(int m, const double *G, const int *free, int n, int j, double 
     return 0;
 }
 
+/* Remove position p from the factor L of the n indices idx[0..n) (and from idx): with
+ * L = [L11 0 0; l' d 0; L31 x L33], the factor of the rest is [L11 0; L31 L33~], where
+ * L33~ L33~^T = L33 L33^T + x x^T, a rank-one update (O((n - p) n)). xs: scratch, n doubles. */
+static void drop(int m, double *L, int *idx, int n, int p, double *xs)
+{
+    for (int i = p + 1; i < n; i++) {
+        double *src = L + (size_t)i * m, *dst = L + (size_t)(i - 1) * m;
+        xs[i - p - 1] = src[p];
+        memmove(dst, src, sizeof(double) * (size_t)p);
+        memmove(dst + p, src + p + 1, sizeof(double) * (size_t)(i - p));
+        idx[i - 1] = idx[i];
+    }
+    const int k = n - p - 1;
+    for (int i = 0; i < k; i++) {
+        double *li = L + (size_t)(p + i) * m;
+        const double lii = li[p + i], xi = xs[i];
+        const double r = sqrt(lii * lii + xi * xi);
+        const double cc = r / lii, sn = xi / lii;
+        li[p + i] = r;
+        for (int j = i + 1; j < k; j++) {
+            double *lj = L + (size_t)(p + j) * m;
+            const double v = (lj[p + i] + sn * xs[j]) / cc;
+            xs[j] = cc * xs[j] - sn * v;
+            lj[p + i] = v;
+        }
+    }
+}
+
 /* x <- (L L^T)^{-1} x, for the n x n factor L (leading dimension m). */
 static void chol_solve(int m, const double *L, int n, double *x)
 {
     for (int i = 0; i < n; i++) {
         const double *li = L + (size_t)i * m;
-        double v = x[i];
-        for (int k = 0; k < i; k++)
-            v -= li[k] * x[k];
-        x[i] = v / li[i];
+        x[i] = (x[i] - dot(li, x, i)) / li[i];
     }
+    /* L^T x = y by columns of L^T, i.e. rows of L (contiguous). */
     for (int i = n - 1; i >= 0; i--) {
-        double v = x[i];
-        for (int k = i + 1; k < n; k++)
-            v -= L[(size_t)k * m + i] * x[k];
-        x[i] = v / L[(size_t)i * m + i];
+        const double *li = L + (size_t)i * m;
+        x[i] /= li[i];
+        axpy(i, -x[i], li, x);
     }
 }
 
@@ -85,18 +126,28 @@ static void face_solve(int m, const double *L, const int *free, int n, const dou
  * factor of H_AA) and v_F = H_{F,A} lam_A, so s_F = H_{F,A} lam_A - u_F.
  * lamA (out): the multipliers, in the order of act. */
 static void face_solve_active(int m, const double *H, const double *L, const int *act, int na,
-                              const int *free, int n, const double *u, double *lamA, double *z)
+                              const int *free, int n, const double *u, double *lamA, double *z,
+                              double *w)
 {
     for (int i = 0; i < na; i++)
         lamA[i] = u[act[i]];
     chol_solve(m, L, na, lamA);
-    for (int k = 0; k < n; k++) {
-        const double *hf = H + (size_t)free[k] * m;
-        double v = -u[free[k]];
-        for (int a = 0; a < na; a++)
-            v += hf[act[a]] * lamA[a];
-        z[k] = v;
+    /* v = H_{:,A} lam_A, by rows of H (H is symmetric; contiguous rows) into w (m). */
+    memset(w, 0, sizeof(double) * (size_t)m);
+    int a = 0;
+    for (; a + 4 <= na; a += 4) {  /* four rows per pass over w */
+        const double *restrict h0 = H + (size_t)act[a] * m;
+        const double *restrict h1 = H + (size_t)act[a + 1] * m;
+        const double *restrict h2 = H + (size_t)act[a + 2] * m;
+        const double *restrict h3 = H + (size_t)act[a + 3] * m;
+        const double l0 = lamA[a], l1 = lamA[a + 1], l2 = lamA[a + 2], l3 = lamA[a + 3];
+        for (int j = 0; j < m; j++)
+            w[j] += (l0 * h0[j] + l1 * h1[j]) + (l2 * h2[j] + l3 * h3[j]);
     }
+    for (; a < na; a++)
+        axpy(m, lamA[a], H + (size_t)act[a] * m, w);
+    for (int k = 0; k < n; k++)
+        z[k] = w[free[k]] - u[free[k]];
 }
 
 /* One row. s (out, m), lam (work, m), L (work, m*m), free/act (work, m each), z (work,
@@ -107,7 +158,7 @@ static void face_solve_active(int m, const double *H, const double *L, const int
  * factorisation failed: the caller solves this row another way). */
 static int solve_row(int m, const double *G, const double *H, const double *u, const double *c,
                      const unsigned char *start, double tol, int max_steps, double *s,
-                     double *lam, double *L, int *free, int *act, double *z)
+                     double *lam, double *L, int *free, int *act, double *z, double *w)
 {
     int n = 0, na = 0, steps = 0;
     memset(s, 0, sizeof(double) * (size_t)m);
@@ -127,7 +178,7 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             if (++steps > max_steps)
                 return -1;
             if (active_side)
-                face_solve_active(m, H, L, act, na, free, n, u, lam, z);
+                face_solve_active(m, H, L, act, na, free, n, u, lam, z, w);
             else
                 face_solve(m, L, free, n, c, z);
             double alpha = 1.0;
@@ -148,22 +199,46 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             }
             if (block < 0)
                 break;
-            /* Every free index at its bound leaves (the blocking one, and ties). */
-            int kept = 0;
-            for (int i = 0; i < n; i++) {
-                int fi = free[i];
-                if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
-                    s[fi] = 0.0;
-                    if (active_side && append(m, H, act, na, fi, L) != 0)
-                        return -1;
-                    act[na++] = fi;
-                } else {
-                    free[kept++] = fi;
+            /* Every free index at its bound leaves (the blocking one, and ties). From the
+             * free side, each leaves the factor of G_FF by a rank-one update, last position
+             * first (earlier positions stay put), unless refactoring is cheaper. */
+            int leaving = 0, left = 0;
+            long drop_cost = 0;
+            for (int i = n - 1; i >= 0; i--) {
+                if (i == block || (z[i] < 0.0 && s[free[i]] <= 0.0)) {
+                    drop_cost += 2L * (n - left - i) * (n - left);
+                    leaving++;
+                    left++;
                 }
             }
-            n = kept;
-            if (!active_side && factor(m, G, free, n, L) != 0)
-                return -1;
+            const long rest = n - leaving;
+            const int refactor = !active_side && 6 * drop_cost > rest * rest * rest;
+            if (active_side || refactor) {
+                int kept = 0;
+                for (int i = 0; i < n; i++) {
+                    int fi = free[i];
+                    if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
+                        s[fi] = 0.0;
+                        if (active_side && append(m, H, act, na, fi, L) != 0)
+                            return -1;
+                        act[na++] = fi;
+                    } else {
+                        free[kept++] = fi;
+                    }
+                }
+                n = kept;
+                if (refactor && factor(m, G, free, n, L) != 0)
+                    return -1;
+            } else {
+                for (int i = n - 1; i >= 0; i--) {
+                    int fi = free[i];
+                    if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
+                        s[fi] = 0.0;
+                        act[na++] = fi;
+                        drop(m, L, free, n--, i, w);
+                    }
+                }
+            }
         }
         /* Multipliers of the active bounds: lam = G s + c (free entries are 0). After a full
          * step from the active side they are the face's multipliers, already at hand. */
@@ -178,37 +253,69 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
         }
         /* Every bound of negative multiplier (below -tol) is freed at once: the face
          * minimiser then has a lower objective, and the step towards it is a descent step. */
-        int kept = 0, freed = 0;
-        for (int a = 0; a < na; a++) {
-            int i = act[a];
-            if (lam[a] < -tol) {
-                if (!active_side && append(m, G, free, n, i, L) != 0)
+        if (!active_side) {
+            int kept = 0, freed = 0;
+            for (int a = 0; a < na; a++) {
+                int i = act[a];
+                if (lam[a] < -tol) {
+                    if (append(m, G, free, n, i, L) != 0)
+                        return -1;
+                    free[n++] = i;
+                    freed = 1;
+                } else {
+                    act[kept++] = i;
+                }
+            }
+            na = kept;
+            if (!freed)
+                return steps;
+        } else {
+            /* From the active side, the freed bounds leave the factor of H_AA (as above). */
+            int leaving = 0;
+            long drop_cost = 0;
+            for (int a = na - 1; a >= 0; a--) {
+                if (lam[a] < -tol) {
+                    drop_cost += 2L * (na - leaving - a) * (na - leaving);
+                    leaving++;
+                }
+            }
+            if (leaving == 0)
+                return steps;
+            const long rest = na - leaving;
+            if (6 * drop_cost > rest * rest * rest) {
+                int kept = 0;
+                for (int a = 0; a < na; a++) {
+                    if (lam[a] < -tol)
+                        free[n++] = act[a];
+                    else
+                        act[kept++] = act[a];
+                }
+                na = kept;
+                if (factor(m, H, act, na, L) != 0)
                     return -1;
-                free[n++] = i;
-                freed = 1;
             } else {
-                act[kept++] = i;
+                for (int a = na - 1; a >= 0; a--) {
+                    if (lam[a] < -tol) {
+                        free[n++] = act[a];
+                        drop(m, L, act, na--, a, w);
+                    }
+                }
             }
         }
-        na = kept;
-        if (!freed)
-            return steps;
-        if (active_side && factor(m, H, act, na, L) != 0)
-            return -1;
     }
 }
 
 /* k rows: U, C = U G and S are k x m (row-major), start is k x m or NULL, steps (out) has k
  * entries; H is G^{-1} or NULL. tol[r] is row r's threshold on the multipliers.
- * work: 2m + m*m doubles; iwork: 2m ints. */
+ * work: 3m + m*m doubles; iwork: 2m ints. */
 void jdoptim_nnqp(int k, int m, const double *G, const double *H, const double *U,
                   const double *C, const unsigned char *start, const double *tol, int max_steps,
                   double *S, int *steps, double *work, int *iwork)
 {
-    double *lam = work, *z = work + m, *L = work + 2 * (size_t)m;
+    double *lam = work, *z = work + m, *w = work + 2 * (size_t)m, *L = work + 3 * (size_t)m;
     for (int r = 0; r < k; r++) {
         size_t o = (size_t)r * m;
         steps[r] = solve_row(m, G, H, U + o, C + o, start ? start + o : NULL, tol[r],
-                             max_steps, S + o, lam, L, iwork, iwork + m, z);
+                             max_steps, S + o, lam, L, iwork, iwork + m, z, w);
     }
 }
