@@ -30,50 +30,36 @@ static void axpy(int n, double alpha, const double *restrict x, double *restrict
 }
 
 
-/* Cholesky factor L (lower, row-major with leading dimension m) of G restricted to the indices
- * free[0..n), from scratch. Returns 0 on success, -1 if a pivot is not positive. */
-static int factor(int m, const double *G, const int *free, int n, double *L)
+/* Every factor below is a lower-triangular L (row-major, leading dimension m) with r, the
+ * reciprocals of its diagonal: products replace divisions on the solves' critical paths. */
+
+/* Extend the factor of G restricted to idx[0..n0) to idx[0..n): rows n0..n-1 (n0 = 0: from
+ * scratch). By columns: the entries of one column are independent dot products, which the CPU
+ * overlaps (rows one at a time would chain them). Returns 0, or -1 if a pivot is not positive. */
+static int extend(int m, const double *G, const int *idx, int n0, int n, double *L, double *r)
 {
-    for (int i = 0; i < n; i++) {
-        const double *gi = G + (size_t)free[i] * m;
-        double *li = L + (size_t)i * m;
-        for (int j = 0; j <= i; j++) {
-            const double *lj = L + (size_t)j * m;
-            double v = gi[free[j]] - dot(li, lj, j);
-            if (j < i) {
-                li[j] = v / lj[j];
-            } else {
-                if (!(v > 0.0))
-                    return -1;
-                li[i] = sqrt(v);
-            }
+    for (int j = 0; j < n; j++) {
+        const double *gj = G + (size_t)idx[j] * m;
+        double *lj = L + (size_t)j * m;
+        if (j >= n0) {
+            const double v = gj[idx[j]] - dot(lj, lj, j);
+            if (!(v > 0.0))
+                return -1;
+            lj[j] = sqrt(v);
+            r[j] = 1.0 / lj[j];
+        }
+        for (int i = j + 1 > n0 ? j + 1 : n0; i < n; i++) {
+            double *li = L + (size_t)i * m;
+            li[j] = (gj[idx[i]] - dot(li, lj, j)) * r[j];
         }
     }
-    return 0;
-}
-
-/* Append index j to the factor of the n free indices (one new row). */
-static int append(int m, const double *G, const int *free, int n, int j, double *L)
-{
-    const double *gj = G + (size_t)j * m;
-    double *ln = L + (size_t)n * m;
-    double d = gj[j];
-    for (int i = 0; i < n; i++) {
-        const double *li = L + (size_t)i * m;
-        double v = (gj[free[i]] - dot(li, ln, i)) / li[i];
-        ln[i] = v;
-        d -= v * v;
-    }
-    if (!(d > 0.0))
-        return -1;
-    ln[n] = sqrt(d);
     return 0;
 }
 
 /* Remove position p from the factor L of the n indices idx[0..n) (and from idx): with
  * L = [L11 0 0; l' d 0; L31 x L33], the factor of the rest is [L11 0; L31 L33~], where
  * L33~ L33~^T = L33 L33^T + x x^T, a rank-one update (O((n - p) n)). xs: scratch, n doubles. */
-static void drop(int m, double *L, int *idx, int n, int p, double *xs)
+static void drop(int m, double *L, double *r, int *idx, int n, int p, double *xs)
 {
     for (int i = p + 1; i < n; i++) {
         double *src = L + (size_t)i * m, *dst = L + (size_t)(i - 1) * m;
@@ -86,12 +72,13 @@ static void drop(int m, double *L, int *idx, int n, int p, double *xs)
     for (int i = 0; i < k; i++) {
         double *li = L + (size_t)(p + i) * m;
         const double lii = li[p + i], xi = xs[i];
-        const double r = sqrt(lii * lii + xi * xi);
-        const double cc = r / lii, sn = xi / lii;
-        li[p + i] = r;
+        const double d = sqrt(lii * lii + xi * xi);
+        const double cc = d / lii, sn = xi / lii, ci = lii / d;
+        li[p + i] = d;
+        r[p + i] = 1.0 / d;
         for (int j = i + 1; j < k; j++) {
             double *lj = L + (size_t)(p + j) * m;
-            const double v = (lj[p + i] + sn * xs[j]) / cc;
+            const double v = (lj[p + i] + sn * xs[j]) * ci;
             xs[j] = cc * xs[j] - sn * v;
             lj[p + i] = v;
         }
@@ -99,39 +86,41 @@ static void drop(int m, double *L, int *idx, int n, int p, double *xs)
 }
 
 /* x <- (L L^T)^{-1} x, for the n x n factor L (leading dimension m). */
-static void chol_solve(int m, const double *L, int n, double *x)
+static void chol_solve(int m, const double *L, const double *r, int n, double *x)
 {
     for (int i = 0; i < n; i++) {
         const double *li = L + (size_t)i * m;
-        x[i] = (x[i] - dot(li, x, i)) / li[i];
+        x[i] = (x[i] - dot(li, x, i)) * r[i];
     }
     /* L^T x = y by columns of L^T, i.e. rows of L (contiguous). */
     for (int i = n - 1; i >= 0; i--) {
         const double *li = L + (size_t)i * m;
-        x[i] /= li[i];
+        x[i] *= r[i];
         axpy(i, -x[i], li, x);
     }
 }
 
 /* z = -(G_FF)^{-1} c_F on the n free indices (L: a factor of G_FF). */
-static void face_solve(int m, const double *L, const int *free, int n, const double *c, double *z)
+static void face_solve(int m, const double *L, const double *r, const int *free, int n,
+                       const double *c, double *z)
 {
     for (int i = 0; i < n; i++)
         z[i] = -c[free[i]];
-    chol_solve(m, L, n, z);
+    chol_solve(m, L, r, n, z);
 }
 
 /* z[k] = s-target of free index free[k] on the face, from the active side (H = G^{-1}): as
  * G v = lam with lam_F = 0 and v_A = u_A, the multipliers are lam_A = (H_AA)^{-1} u_A (L: a
  * factor of H_AA) and v_F = H_{F,A} lam_A, so s_F = H_{F,A} lam_A - u_F.
  * lamA (out): the multipliers, in the order of act. */
-static void face_solve_active(int m, const double *H, const double *L, const int *act, int na,
+static void face_solve_active(int m, const double *H, const double *L, const double *r,
+                              const int *act, int na,
                               const int *free, int n, const double *u, double *lamA, double *z,
                               double *w)
 {
     for (int i = 0; i < na; i++)
         lamA[i] = u[act[i]];
-    chol_solve(m, L, na, lamA);
+    chol_solve(m, L, r, na, lamA);
     /* v = H_{:,A} lam_A, by rows of H (H is symmetric; contiguous rows) into w (m). */
     memset(w, 0, sizeof(double) * (size_t)m);
     int a = 0;
@@ -150,15 +139,17 @@ static void face_solve_active(int m, const double *H, const double *L, const int
         z[k] = w[free[k]] - u[free[k]];
 }
 
-/* One row. s (out, m), lam (work, m), L (work, m*m), free/act (work, m each), z (work,
- * m). start (may be NULL): indices with start[i] != 0 are freed before the first step. H (may
- * be NULL): G^{-1}; with it, a row whose start has fewer active than free indices solves its
- * faces from the active side (a factor of H_AA instead of G_FF).
+/* One row. s (out, m); lam, z, w (work, m each); L (work, m*m) and rd (work, m): a factor
+ * and the reciprocals of its diagonal; free/act (work, m each). start (may be NULL): indices
+ * with start[i] != 0 are freed before the first step. H (may be NULL): G^{-1}; with it, a row
+ * whose start has fewer active than free indices solves its faces from the active side (a
+ * factor of H_AA instead of G_FF).
  * Returns the number of steps taken (>= 0), or -1 (no convergence within max_steps, or a
  * factorisation failed: the caller solves this row another way). */
 static int solve_row(int m, const double *G, const double *H, const double *u, const double *c,
                      const unsigned char *start, double tol, int max_steps, double *s,
-                     double *lam, double *L, int *free, int *act, double *z, double *w)
+                     double *lam, double *L, double *rd, int *free, int *act, double *z,
+                     double *w)
 {
     int n = 0, na = 0, steps = 0;
     memset(s, 0, sizeof(double) * (size_t)m);
@@ -169,7 +160,7 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             act[na++] = i;
     }
     const int active_side = H != NULL && na < n;
-    if (active_side ? factor(m, H, act, na, L) : factor(m, G, free, n, L))
+    if (active_side ? extend(m, H, act, 0, na, L, rd) : extend(m, G, free, 0, n, L, rd))
         return -1;
     for (;;) {
         /* Minimise on the face {s_i = 0 outside free}; step towards the face's minimiser,
@@ -178,9 +169,9 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             if (++steps > max_steps)
                 return -1;
             if (active_side)
-                face_solve_active(m, H, L, act, na, free, n, u, lam, z, w);
+                face_solve_active(m, H, L, rd, act, na, free, n, u, lam, z, w);
             else
-                face_solve(m, L, free, n, c, z);
+                face_solve(m, L, rd, free, n, c, z);
             double alpha = 1.0;
             int block = -1;
             for (int i = 0; i < n; i++) {
@@ -214,20 +205,20 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             const long rest = n - leaving;
             const int refactor = !active_side && 6 * drop_cost > rest * rest * rest;
             if (active_side || refactor) {
+                const int na0 = na;
                 int kept = 0;
                 for (int i = 0; i < n; i++) {
                     int fi = free[i];
                     if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
                         s[fi] = 0.0;
-                        if (active_side && append(m, H, act, na, fi, L) != 0)
-                            return -1;
                         act[na++] = fi;
                     } else {
                         free[kept++] = fi;
                     }
                 }
                 n = kept;
-                if (refactor && factor(m, G, free, n, L) != 0)
+                if (active_side ? extend(m, H, act, na0, na, L, rd)
+                                : extend(m, G, free, 0, n, L, rd))
                     return -1;
             } else {
                 for (int i = n - 1; i >= 0; i--) {
@@ -235,7 +226,7 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
                     if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
                         s[fi] = 0.0;
                         act[na++] = fi;
-                        drop(m, L, free, n--, i, w);
+                        drop(m, L, rd, free, n--, i, w);
                     }
                 }
             }
@@ -254,21 +245,19 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
         /* Every bound of negative multiplier (below -tol) is freed at once: the face
          * minimiser then has a lower objective, and the step towards it is a descent step. */
         if (!active_side) {
-            int kept = 0, freed = 0;
+            const int n0 = n;
+            int kept = 0;
             for (int a = 0; a < na; a++) {
-                int i = act[a];
-                if (lam[a] < -tol) {
-                    if (append(m, G, free, n, i, L) != 0)
-                        return -1;
-                    free[n++] = i;
-                    freed = 1;
-                } else {
-                    act[kept++] = i;
-                }
+                if (lam[a] < -tol)
+                    free[n++] = act[a];
+                else
+                    act[kept++] = act[a];
             }
             na = kept;
-            if (!freed)
+            if (n == n0)
                 return steps;
+            if (extend(m, G, free, n0, n, L, rd) != 0)
+                return -1;
         } else {
             /* From the active side, the freed bounds leave the factor of H_AA (as above). */
             int leaving = 0;
@@ -291,13 +280,13 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
                         act[kept++] = act[a];
                 }
                 na = kept;
-                if (factor(m, H, act, na, L) != 0)
+                if (extend(m, H, act, 0, na, L, rd) != 0)
                     return -1;
             } else {
                 for (int a = na - 1; a >= 0; a--) {
                     if (lam[a] < -tol) {
                         free[n++] = act[a];
-                        drop(m, L, act, na--, a, w);
+                        drop(m, L, rd, act, na--, a, w);
                     }
                 }
             }
@@ -307,15 +296,16 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
 
 /* k rows: U, C = U G and S are k x m (row-major), start is k x m or NULL, steps (out) has k
  * entries; H is G^{-1} or NULL. tol[r] is row r's threshold on the multipliers.
- * work: 3m + m*m doubles; iwork: 2m ints. */
+ * work: 4m + m*m doubles; iwork: 2m ints. */
 void jdoptim_nnqp(int k, int m, const double *G, const double *H, const double *U,
                   const double *C, const unsigned char *start, const double *tol, int max_steps,
                   double *S, int *steps, double *work, int *iwork)
 {
-    double *lam = work, *z = work + m, *w = work + 2 * (size_t)m, *L = work + 3 * (size_t)m;
+    double *lam = work, *z = work + m, *w = work + 2 * (size_t)m, *rd = work + 3 * (size_t)m;
+    double *L = work + 4 * (size_t)m;
     for (int r = 0; r < k; r++) {
         size_t o = (size_t)r * m;
         steps[r] = solve_row(m, G, H, U + o, C + o, start ? start + o : NULL, tol[r],
-                             max_steps, S + o, lam, L, iwork, iwork + m, z, w);
+                             max_steps, S + o, lam, L, rd, iwork, iwork + m, z, w);
     }
 }

@@ -164,7 +164,7 @@ def solve(
                 H = torch.cholesky_inverse(factor).contiguous()
     S = torch.empty_like(U)
     steps = torch.empty(k, dtype=torch.int32)
-    work = torch.empty(m * m + 3 * m, dtype=torch.float64)
+    work = torch.empty(m * m + 4 * m, dtype=torch.float64)
     iwork = torch.empty(2 * m, dtype=torch.int32)
     lib.jdoptim_nnqp(
         k,
