@@ -294,18 +294,23 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
     }
 }
 
-/* k rows: U, C = U G and S are k x m (row-major), start is k x m or NULL, steps (out) has k
- * entries; H is G^{-1} or NULL. tol[r] is row r's threshold on the multipliers.
- * work: 4m + m*m doubles; iwork: 2m ints. */
+/* k rows: U, C = U G and X are k x m (row-major); start is k x m or NULL; steps (out) has k
+ * entries; H is G^{-1} or NULL. A row's multipliers are taken as negative below -tol ||u||_2.
+ * On return, X = U + S (the solutions). work: 4m + m*m doubles; iwork: 2m ints. */
 void jdoptim_nnqp(int k, int m, const double *G, const double *H, const double *U,
-                  const double *C, const unsigned char *start, const double *tol, int max_steps,
-                  double *S, int *steps, double *work, int *iwork)
+                  const double *C, const unsigned char *start, double tol, int max_steps,
+                  double *X, int *steps, double *work, int *iwork)
 {
     double *lam = work, *z = work + m, *w = work + 2 * (size_t)m, *rd = work + 3 * (size_t)m;
     double *L = work + 4 * (size_t)m;
     for (int r = 0; r < k; r++) {
-        size_t o = (size_t)r * m;
-        steps[r] = solve_row(m, G, H, U + o, C + o, start ? start + o : NULL, tol[r],
-                             max_steps, S + o, lam, L, rd, iwork, iwork + m, z, w);
+        const size_t o = (size_t)r * m;
+        const double *u = U + o;
+        double *x = X + o;
+        steps[r] = solve_row(m, G, H, u, C + o, start ? start + o : NULL,
+                             tol * sqrt(dot(u, u, m)), max_steps, x, lam, L, rd, iwork,
+                             iwork + m, z, w);
+        for (int i = 0; i < m; i++)
+            x[i] += u[i];
     }
 }

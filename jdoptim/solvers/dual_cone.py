@@ -192,6 +192,14 @@ def _padded_size(gramian: Tensor, lower: Tensor, init: Tensor | None) -> int | N
 def _dual_cone_cpu(
     gramian: Tensor, lower: Tensor, init: Tensor | None, mu: float, kappa: float
 ) -> Tensor:
+    return _dual_cone_cpu_eager(gramian, lower, init, mu, kappa)
+
+
+def _dual_cone_cpu_eager(
+    gramian: Tensor, lower: Tensor, init: Tensor | None, mu: float, kappa: float
+) -> Tensor:
+    # The operator's body: called directly in eager mode (it saves the operator's dispatch,
+    # 0.06-0.3 ms a call), through the operator when compiling (an opaque node in the graph).
     # CPU only: host reads of the certificate are free here (no device to synchronise with).
     # Inference mode with fresh copies: the compiled MPRGP kernel then sees inputs of the same
     # kind (dispatch keys) whether the operator runs eagerly or inside a compiled graph.
@@ -199,17 +207,21 @@ def _dual_cone_cpu(
         gramian, lower = gramian.clone(), lower.clone()
         init = None if init is None else init.clone()
         m = lower.shape[-1]
-        start = None
+        start = products = None
         if m <= NATIVE_ACTIVE_MAX_M and native.available():
             # The free sets guessed by a Newton step's rule; rows with few active bounds solve
             # their faces from the active side (per-sample Gramians: |A| ~ m/8).
-            start = ~initial_active(gramian, lower, init)
-            if m > NATIVE_MAX_M and int((m - start.sum(-1)).amax()) > m // NATIVE_ACTIVE_FRACTION:
+            products = lower @ gramian
+            if init is None:  # the rule at v0 = u (initial_active), with the product kept
+                start = ~(products > 0)
+            else:
+                start = ~initial_active(gramian, lower, init)
+            if m > NATIVE_MAX_M and m - int(start.sum(-1).amin()) > m // NATIVE_ACTIVE_FRACTION:
                 start = None  # CPU: no sync
         if start is not None:
             # The compiled active-set method; the rows it does not finish, or that fail the
             # certificate, go to the torch solver.
-            x, done = native.solve(gramian, lower, start=start)
+            x, done = native.solve(gramian, lower, start, products)
             rest = ~(done & certify(gramian, lower, x, mu, POLISH_RTOL))
             if bool(rest.any()):
                 again = None if init is None else init[rest]
@@ -278,7 +290,9 @@ def solve_dual_cone(g_hat: Tensor, lower: Tensor, reg_eps: float, init: Tensor |
     if init is not None:
         init = init.to(lower.dtype)
     if g_hat.device.type == "cpu":
-        return _dual_cone_cpu(g_hat, lower, init, reg_eps, kappa)
+        if torch.compiler.is_compiling():
+            return _dual_cone_cpu(g_hat, lower, init, reg_eps, kappa)
+        return _dual_cone_cpu_eager(g_hat, lower, init, reg_eps, kappa)
     return solve_fixed(g_hat, lower, reg_eps, kappa, init)
 
 

@@ -104,8 +104,8 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     fn = lib.jdoptim_nnqp
     fn.restype = None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
-    fn.argtypes += [ctypes.c_void_p] * 4
+    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
+    fn.argtypes += [ctypes.c_double, ctypes.c_int] + [ctypes.c_void_p] * 4
     return lib
 
 
@@ -136,33 +136,35 @@ def max_steps(m: int) -> int:
 
 
 def solve(
-    gramian: Tensor, lower: Tensor, tol: Tensor | None = None, start: Tensor | None = None
+    gramian: Tensor,
+    lower: Tensor,
+    start: Tensor | None = None,
+    products: Tensor | None = None,
+    rtol: float = 1e-15,
 ) -> tuple[Tensor, Tensor]:
     r"""Solve :math:`\min_{v \ge u} \tfrac12 v^\top \hat G v` for every row ``u`` of ``lower``
     (``[k, m]``, float64, CPU) with the compiled active-set method; ``gramian`` must be
-    positive definite. ``tol`` (``[k]``): a bound is freed while its multiplier is below
-    ``-tol`` (default ``1e-15 ||u||_2``). ``start`` (``[k, m]`` boolean, optional): indices
-    freed before the first step (a warm start). Returns the rows and a ``[k]`` mask of the rows
-    the method finished (the others hold garbage: solve them another way). The finished rows
-    are exact solutions of the face they end on; check them (``certify``) before use."""
+    positive definite. ``start`` (``[k, m]`` boolean, optional): indices freed before the first
+    step (a warm start). ``products`` (optional): ``lower @ gramian`` when the caller has it.
+    A bound is freed while its multiplier is below ``-rtol ||u||_2``. Returns the rows and a
+    ``[k]`` mask of the rows the method finished (the others hold garbage: solve them another
+    way). The finished rows are exact solutions of the face they end on; check them
+    (``certify``) before use."""
     lib = _library()
     if lib is None:
         raise RuntimeError("jdoptim's native solver is not available (see `native.available`).")
     k, m = lower.shape
     G = gramian.detach().to(torch.float64).contiguous()
     U = lower.detach().to(torch.float64).contiguous()
-    C = (U @ G).contiguous()
-    if tol is None:
-        tol = 1e-15 * U.norm(dim=-1)
-    tol = tol.to(torch.float64).contiguous()
+    C = (U @ G if products is None else products.to(torch.float64)).contiguous()
     H = None
     if start is not None:
-        start = start.to(torch.uint8).contiguous()
-        if bool((2 * start.sum(-1) > m).any()):  # some rows start with few active bounds
+        start = start.to(torch.bool).contiguous()  # one byte per entry, read as unsigned char
+        if 2 * int(start.sum(-1).amax()) > m:  # some rows start with few active bounds
             factor, info = torch.linalg.cholesky_ex(G)
             if int(info) == 0:  # else (not finite, say) every row works from the free side
                 H = torch.cholesky_inverse(factor).contiguous()
-    S = torch.empty_like(U)
+    X = torch.empty_like(U)
     steps = torch.empty(k, dtype=torch.int32)
     work = torch.empty(m * m + 4 * m, dtype=torch.float64)
     iwork = torch.empty(2 * m, dtype=torch.int32)
@@ -174,11 +176,11 @@ def solve(
         U.data_ptr(),
         C.data_ptr(),
         None if start is None else start.data_ptr(),
-        tol.data_ptr(),
+        rtol,
         max_steps(m),
-        S.data_ptr(),
+        X.data_ptr(),
         steps.data_ptr(),
         work.data_ptr(),
         iwork.data_ptr(),
     )
-    return U + S, steps >= 0
+    return X, steps >= 0

@@ -85,8 +85,8 @@ def test_operator_solves_what_the_native_method_leaves_or_gets_wrong(
     ref = project_weights(U, J @ J.T, solver="quadprog")
     solve = native.solve
 
-    def corrupted(G, lower, tol=None, start=None):
-        x, done = solve(G, lower, tol, start)
+    def corrupted(G, lower, start=None, products=None, rtol=1e-15):
+        x, done = solve(G, lower, start, products, rtol)
         x[0] += 1e-3  # claimed done, wrong
         done[1] = False  # reported unfinished
         return x, done
