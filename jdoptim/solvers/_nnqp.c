@@ -109,6 +109,26 @@ static void face_solve(int m, const double *L, const double *r, const int *free,
     chol_solve(m, L, r, n, z);
 }
 
+/* w = sum_i coef[i] M[idx[i], :] over n rows of the m x m matrix M (contiguous rows; four per
+ * pass over w). */
+static void combine_rows(int m, const double *M, const int *idx, const double *coef, int n,
+                         double *w)
+{
+    memset(w, 0, sizeof(double) * (size_t)m);
+    int a = 0;
+    for (; a + 4 <= n; a += 4) {
+        const double *restrict h0 = M + (size_t)idx[a] * m;
+        const double *restrict h1 = M + (size_t)idx[a + 1] * m;
+        const double *restrict h2 = M + (size_t)idx[a + 2] * m;
+        const double *restrict h3 = M + (size_t)idx[a + 3] * m;
+        const double l0 = coef[a], l1 = coef[a + 1], l2 = coef[a + 2], l3 = coef[a + 3];
+        for (int j = 0; j < m; j++)
+            w[j] += (l0 * h0[j] + l1 * h1[j]) + (l2 * h2[j] + l3 * h3[j]);
+    }
+    for (; a < n; a++)
+        axpy(m, coef[a], M + (size_t)idx[a] * m, w);
+}
+
 /* z[k] = s-target of free index free[k] on the face, from the active side (H = G^{-1}): as
  * G v = lam with lam_F = 0 and v_A = u_A, the multipliers are lam_A = (H_AA)^{-1} u_A (L: a
  * factor of H_AA) and v_F = H_{F,A} lam_A, so s_F = H_{F,A} lam_A - u_F.
@@ -121,20 +141,7 @@ static void face_solve_active(int m, const double *H, const double *L, const dou
     for (int i = 0; i < na; i++)
         lamA[i] = u[act[i]];
     chol_solve(m, L, r, na, lamA);
-    /* v = H_{:,A} lam_A, by rows of H (H is symmetric; contiguous rows) into w (m). */
-    memset(w, 0, sizeof(double) * (size_t)m);
-    int a = 0;
-    for (; a + 4 <= na; a += 4) {  /* four rows per pass over w */
-        const double *restrict h0 = H + (size_t)act[a] * m;
-        const double *restrict h1 = H + (size_t)act[a + 1] * m;
-        const double *restrict h2 = H + (size_t)act[a + 2] * m;
-        const double *restrict h3 = H + (size_t)act[a + 3] * m;
-        const double l0 = lamA[a], l1 = lamA[a + 1], l2 = lamA[a + 2], l3 = lamA[a + 3];
-        for (int j = 0; j < m; j++)
-            w[j] += (l0 * h0[j] + l1 * h1[j]) + (l2 * h2[j] + l3 * h3[j]);
-    }
-    for (; a < na; a++)
-        axpy(m, lamA[a], H + (size_t)act[a] * m, w);
+    combine_rows(m, H, act, lamA, na, w);  /* v = H_{:,A} lam_A (H is symmetric) */
     for (int k = 0; k < n; k++)
         z[k] = w[free[k]] - u[free[k]];
 }
@@ -234,13 +241,11 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
         /* Multipliers of the active bounds: lam = G s + c (free entries are 0). After a full
          * step from the active side they are the face's multipliers, already at hand. */
         if (!active_side) {
-            for (int a = 0; a < na; a++) {
-                const double *ga = G + (size_t)act[a] * m;
-                double v = c[act[a]];
-                for (int k = 0; k < n; k++)
-                    v += ga[free[k]] * s[free[k]];
-                lam[a] = v;
-            }
+            for (int k = 0; k < n; k++)
+                z[k] = s[free[k]];
+            combine_rows(m, G, free, z, n, w);  /* G s, by rows of G (symmetric) */
+            for (int a = 0; a < na; a++)
+                lam[a] = c[act[a]] + w[act[a]];
         }
         /* Every bound of negative multiplier (below -tol) is freed at once: the face
          * minimiser then has a lower objective, and the step towards it is a descent step. */
