@@ -128,7 +128,7 @@ Gramians need systems of 74-81), ``aligned_conflict`` 84 / 127, the other famili
 this rule keeps the first for those and the second for W2."""
 
 
-NATIVE_MAX_M = 96
+NATIVE_MAX_M = 160
 NATIVE_ACTIVE_MAX_M = 256
 NATIVE_ACTIVE_FRACTION = 5
 """On the CPU, for ``m <= NATIVE_MAX_M``, and up to ``NATIVE_ACTIVE_MAX_M`` when every row's
@@ -136,9 +136,9 @@ guessed active set has at most ``m / NATIVE_ACTIVE_FRACTION`` bounds (per-sample
 rows are solved by the compiled primal active-set method of :mod:`jdoptim.solvers.native` when
 it is available; the torch solver takes the rows it does not finish or certify. Measured
 (2026-12-01, 1 thread, median ms per ``UPGradWeighting`` call, native / torch solver): the test
-bank's kinds at m = 32 0.2-0.3 / 1.3-2.5 (torch: the eager pivoting), m = 96 3.8-12.6 /
-5.5-16.7, m = 128 9.0-39 / 6.8-26 (hence the limit); W2's per-sample Gramians (few active
-bounds) m = 64 0.73 / 2.90, m = 128 2.5 / 6.8, m = 256 27 / 47."""
+bank's kinds at m = 96 2.2-7.0 / 7.0-17.6, m = 128 4.7-17 / 6.2-27, m = 160 8.1-35 / 11-42,
+m = 192 15-59 / 14-61 (mixed), m = 256 49-184 / 26-120 (hence the limit); W2's per-sample
+Gramians (few active bounds) m = 64 0.56, m = 128 1.8, m = 256 13 / 47."""
 
 PADDED_PIVOT_MAX_M = 32
 """On the CPU, for ``m <= PADDED_PIVOT_MAX_M`` and once the process has made
