@@ -130,7 +130,7 @@ this rule keeps the first for those and the second for W2."""
 
 NATIVE_MAX_M = 160
 NATIVE_ACTIVE_MAX_M = 256
-NATIVE_ACTIVE_FRACTION = 5
+NATIVE_ACTIVE_FRACTION = 3
 """On the CPU, for ``m <= NATIVE_MAX_M``, and up to ``NATIVE_ACTIVE_MAX_M`` when every row's
 guessed active set has at most ``m / NATIVE_ACTIVE_FRACTION`` bounds (per-sample Gramians), the
 rows are solved by the compiled primal active-set method of :mod:`jdoptim.solvers.native` when
@@ -138,7 +138,9 @@ it is available; the torch solver takes the rows it does not finish or certify. 
 (2026-12-01, 1 thread, median ms per ``UPGradWeighting`` call, native / torch solver): the test
 bank's kinds at m = 96 2.2-7.0 / 7.0-17.6, m = 128 4.7-17 / 6.2-27, m = 160 8.1-35 / 11-42,
 m = 192 15-59 / 14-61 (mixed), m = 256 49-184 / 26-120 (hence the limit); W2's per-sample
-Gramians (few active bounds) m = 64 0.56, m = 128 1.8, m = 256 13 / 47."""
+Gramians (few active bounds) m = 64 0.56, m = 128 1.8, m = 256 13 / 47; warm-started from the
+previous solution (whose active sets, about m/4, the Newton guess at u underestimates) m = 256
+9.3 / 20.7; the test bank's guessed active sets are about m/2 there."""
 
 PADDED_PIVOT_MAX_M = 32
 """On the CPU, for ``m <= PADDED_PIVOT_MAX_M`` and once the process has made
