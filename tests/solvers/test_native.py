@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jdoptim.solvers import dual_cone, native
 from jdoptim.solvers.active_set import initial_active
@@ -51,6 +53,34 @@ def test_rows_satisfy_kkt_and_match_quadprog(kind: str, m: int) -> None:
         assert bool((lam >= -1e-12 * scale).all())
         assert bool(((lam * (x - U)).abs() <= 1e-12 * scale**2).all())
         torch.testing.assert_close(x, ref, rtol=0, atol=1e-8 * float(ref.abs().max()))
+
+
+@needs_native
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    m=st.integers(2, 160),
+    free_share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_any_start_reaches_the_solution(kind: str, m: int, free_share: float, seed: int) -> None:
+    """From arbitrary starts (random free sets, of any size: either side, and many bounds
+    leaving or entering the factors by updates), every finished row is the solution: KKT to
+    rounding and quadprog's answer, up to m = NATIVE_MAX_M."""
+    G = _g_hat(make_jacobian(kind, m, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(m, generator=g)[:3]
+    U = torch.cat([torch.eye(m, dtype=F64)[rows], torch.randn(2, m, generator=g, dtype=F64)])
+    start = torch.rand(U.shape, generator=g) < free_share
+    x, done = native.solve(G, U, start=start)
+    assert bool(done.all())
+    assert bool((x >= U).all())
+    lam = x @ G
+    scale = U.norm(dim=-1, keepdim=True)
+    assert bool((lam >= -1e-11 * scale).all())
+    assert bool(((lam * (x - U)).abs() <= 1e-11 * scale**2).all())
+    ref = dual_cone._quadprog_solve(G, U)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-7 * float(ref.abs().max()))
 
 
 @needs_native
