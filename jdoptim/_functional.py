@@ -193,7 +193,7 @@ class JDOutput:
 
 
 def _accumulate(param: Tensor, grad: Tensor, ok: Tensor | None) -> None:
-    grad = grad.detach()
+    grad = grad.detach() if grad.requires_grad else grad
     if ok is None:
         if param.grad is None:
             param.grad = grad

@@ -28,6 +28,13 @@ def graph_visible() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (checkpointing, offloading): unpacking a saved
+    tensor in the forward pass could then recompute or move it."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
 def input_node(args: tuple) -> object | None:
     """The ``grad_fn`` of a call's first tensor argument (eager only; ``None`` otherwise)."""
     if args and isinstance(args[0], Tensor) and graph_visible():

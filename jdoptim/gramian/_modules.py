@@ -65,7 +65,8 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.nn.utils import parametrize
 
-from ._layers import Dims, Factor, LinearFactor, PerSample, Want
+from ._graph import saved_tensor_hooks_active
+from ._layers import Dims, Factor, LinearFactor, PerSample, Want, as_dtype
 
 _MHA_ARGS = (
     "query",
@@ -147,13 +148,13 @@ class ModuleRule:
 def _linear(w: int | None, b: int | None, A: Tensor, D: Tensor, dtype: torch.dtype) -> list[Factor]:
     """Factors of a linear map with inputs ``A`` ``[G, B, T, d]`` and output gradients ``D``
     ``[G, B, K, T, p]`` (weight ``w``, bias ``b``, either ``None`` when not wanted)."""
-    D = D.to(dtype)
+    D = as_dtype(D, dtype)
     if w is None:
         if b is None:
             return []
         G, B, K, _, p = D.shape
         return [PerSample({b: D.sum(3).permute(1, 2, 0, 3).reshape(B, K, G * p)})]
-    return [LinearFactor(w, b, A.to(dtype), D)]
+    return [LinearFactor(w, b, as_dtype(A, dtype), D)]
 
 
 def _wanted(pidx: dict[str, int], name: str, want: Want) -> int | None:
@@ -382,13 +383,6 @@ def _next(node: object, i: int, name: str) -> object | None:
     return edges[i][0]
 
 
-def _saved_tensor_hooks() -> bool:
-    """Whether saved-tensor hooks are active (checkpointing, offloading): unpacking a saved
-    tensor in the forward pass could then recompute or move it."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is not None
-
-
 def _graph_edges(
     module: nn.MultiheadAttention, out: Tensor, bd: int, query: Tensor, key: Tensor
 ) -> tuple[list[GradientEdge], Tensor] | None:
@@ -403,7 +397,7 @@ def _graph_edges(
     attention kernel (no dropout), whose first three edges are the views ``[N, H, T, E / H]``
     of the projections that the function made for that call alone, so the gradient there is
     that of the attention's inputs only. Reads saved tensors (no copies); eager only."""
-    if torch.compiler.is_compiling() or _saved_tensor_hooks():
+    if torch.compiler.is_compiling() or saved_tensor_hooks_active():
         return None
     node = out.grad_fn
     if node is None:
@@ -460,12 +454,19 @@ def _from_graph(
     B, K, E, H = dims.B, dims.K, module.embed_dim, module.num_heads
     L, N, _ = A_o.shape
     S = saved.data["key"].shape[1 - saved.data["bd"]]
+    Ts = (L, S, S)
+    shapes = [(B, K, H, T, E // H) for T in Ts]
+    if any(g is not None and tuple(g.shape) != t for g, t in zip(grads, shapes, strict=True)):
+        return None
+    if L == S and all(g is not None for g in grads):
+        # The heads joined for all three in one copy (views of it: the rule concatenates them
+        # for the in-projection, one more copy, instead of one copy each and then that one).
+        qkv = torch.stack([g.transpose(2, 3) for g in grads], dim=3)  # type: ignore[union-attr]
+        return (A_o.transpose(0, 1), *qkv.reshape(B, K, L, 3, E).unbind(3))
     out = []
-    for g, T in zip(grads, (L, S, S), strict=True):
+    for g, T in zip(grads, Ts, strict=True):
         if g is None:
             out.append(torch.zeros(B, K, T, E, dtype=dtype, device=A_o.device))
-        elif tuple(g.shape) != (B, K, H, T, E // H):
-            return None
         else:
             out.append(g.transpose(2, 3).reshape(B, K, T, E))
     return (A_o.transpose(0, 1), *out)

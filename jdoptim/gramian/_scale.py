@@ -76,6 +76,30 @@ def exponent(x: Tensor) -> Tensor:
     return torch.frexp(amax).exponent
 
 
+def exponents(xs: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`exponent` of each of ``xs``: two reductions per tensor, then the rest for all of
+    them at once (on one device; else one :func:`exponent` per tensor).
+
+    >>> [int(e) for e in exponents([torch.tensor([3.0, -0.5]), torch.zeros(0), torch.ones(2)])]
+    [2, 0, 1]
+    """
+    if len({x.device for x in xs}) != 1:
+        return [exponent(x) for x in xs]
+    top, low = [], []
+    for x in xs:
+        x = x.detach() if x.requires_grad else x
+        if x.numel() == 0:
+            zero = torch.zeros((), device=x.device)
+            top.append(zero)
+            low.append(zero)
+        else:
+            hi, lo = x.amax(), x.amin()
+            top.append(hi if hi.dtype == torch.float32 else hi.float())
+            low.append(lo if lo.dtype == torch.float32 else lo.float())
+    amax = torch.maximum(torch.stack(top), -torch.stack(low))
+    return list(torch.frexp(amax).exponent.unbind())
+
+
 def gram_shift(exponents: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
     """The shift :math:`s` (int32 0-d) for gradients whose entries have the ``exponents``.
 
@@ -84,7 +108,10 @@ def gram_shift(exponents: Sequence[Tensor], dtype: torch.dtype, device: torch.de
     """
     if not exponents:
         return torch.zeros((), dtype=torch.int32, device=device)
-    e = torch.stack([x.to(device=device, dtype=torch.int32) for x in exponents]).amax()
+    same = (torch.int32, device)
+    e = [x if (x.dtype, x.device) == same else x.to(device=device, dtype=torch.int32)
+         for x in exponents]  # fmt: skip
+    e = torch.stack(e).amax()
     hi = limit(dtype)
     return e - e.clamp(-hi, hi)
 

@@ -99,7 +99,9 @@ from ._layers import (
     LinearFactor,
     PerSample,
     Rule,
+    as_dtype,
     exact_call,
+    factor_exponents,
     mixes_samples,
     rule_for,
 )
@@ -210,7 +212,7 @@ class LayerwiseResult(GramianResult):
                 f"{self._losses_shape}), got a tensor of shape {tuple(weights.shape)}."
             )
         w = weights.reshape(self._losses_shape).movedim(dims.loss_dim, 0)
-        return w.reshape(dims.B, dims.K).to(self._dtype)
+        return as_dtype(w.reshape(dims.B, dims.K), self._dtype)
 
     def weighted_gradient(self, weights: Tensor) -> list[Tensor | None]:
         r"""Return :math:`\sum_i w_i \nabla_{\theta_p} L_i` for each parameter (``None`` where no
@@ -226,7 +228,8 @@ class LayerwiseResult(GramianResult):
             if slot is None or slot not in sums:
                 out.append(None)
             else:
-                out.append(sums[slot].reshape(p.shape).to(p.dtype))
+                g = sums[slot]
+                out.append(as_dtype(g if g.shape == p.shape else g.reshape(p.shape), p.dtype))
         return out
 
     def backward(self, weights: Tensor) -> None:
@@ -557,7 +560,7 @@ class LayerwiseGramianEngine(GramianEngine):
                 losses.sum(), [*outputs, *extra], retain_graph=retain_graph, allow_unused=True
             )
             out: list[Tensor | None] = [
-                None if g is None else g.movedim(bd, 0).unsqueeze(1)
+                None if g is None else (g if bd == 0 else g.movedim(bd, 0)).unsqueeze(1)
                 for g, bd in zip(grads[:n], bdims, strict=True)
             ]
             return out + [None if g is None else _dense(g).reshape(1, -1) for g in grads[n:]]
@@ -751,7 +754,7 @@ class LayerwiseGramianEngine(GramianEngine):
         late: set[int] = set()
         for r in mvalid:
             n = len(r.saved.outputs) + len(r.saved.edges)
-            Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
+            Ds = [None if D is None else as_dtype(D, dtype) for D in deltas[pos : pos + n]]
             pos += n
             if isinstance(r.info.rule, VmapRule) and any(D is not None for D in Ds):
                 grads = self._vmap_grads(r, Ds, dims, want, dtype)
@@ -773,12 +776,12 @@ class LayerwiseGramianEngine(GramianEngine):
         factors: list[Factor] = list(vmapped)
         for r, D in zip(valid, deltas, strict=False):
             if D is not None:
-                D = D.to(dtype)
+                D = as_dtype(D, dtype)
                 factors += r.info.rule.factors(r.info.module, r.info.pidx, r.saved, D, dims, want)
         pos = len(valid)
         for r in mvalid:
             n = len(r.saved.outputs) + len(r.saved.edges)
-            Ds = [None if D is None else D.to(dtype) for D in deltas[pos : pos + n]]
+            Ds = [None if D is None else as_dtype(D, dtype) for D in deltas[pos : pos + n]]
             deltas[pos : pos + n] = [None] * n  # the factors keep what they need, no more
             pos += n
             if any(D is not None for D in Ds) and not isinstance(r.info.rule, VmapRule):
@@ -797,7 +800,7 @@ class LayerwiseGramianEngine(GramianEngine):
             for k, J in zip(fb_pos, self._fallback(losses, fb_params, dims, keep), strict=True):
                 fb_slots[k] = next_slot
                 if J is not None:
-                    pool.add({next_slot: J.to(dtype)})
+                    pool.add({next_slot: as_dtype(J, dtype)})
                 next_slot += 1
 
         prepared = self._prepare(factors, pool)
@@ -993,14 +996,12 @@ def scaled_gram(
 ) -> tuple[Tensor, Tensor]:
     """``[B, K, B, K]`` Gramian of the factors' gradients scaled by ``2**-shift``, and the
     shift (``0`` unless the gradients are huge or tiny: see :mod:`jdoptim.gramian._scale`)."""
-    bounds = [e for e in (f.exponent() for f in factors) if e is not None]
-    shift = gram_shift(bounds, dtype, device)
-    G = torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device)
-    for f in factors:
-        g = f.gram(dims, shift)
-        if g is not None:
-            G = G + g
-    return G, shift
+    shift = gram_shift(factor_exponents(factors), dtype, device)
+    grams = [g for g in (f.gram(dims, shift) for f in factors) if g is not None]
+    if not grams:
+        return torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device), shift
+    # One stack and one sum (not one addition per factor).
+    return torch.stack([as_dtype(g, dtype) for g in grams]).sum(0), shift
 
 
 def formed_cheaper(f: LinearFactor) -> bool:

@@ -69,7 +69,15 @@ from ._global import reduce_mean
 from ._graph import graph_visible, input_node, leaf_users, local_nodes, outside_of, reachable
 from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
-from ._layers import Dims, Factor, LinearRule, PerSample, exact_call, rule_for
+from ._layers import (
+    Dims,
+    Factor,
+    LinearRule,
+    PerSample,
+    exact_call,
+    factor_exponents,
+    rule_for,
+)
 from ._scale import gram_shift, pow2
 from ._vjp import chunked_batched_grad
 from .layerwise import Strategy, prepare_factors, rebuild_engine, remove_handles
@@ -583,8 +591,7 @@ def _assemble(
     overflow; the head blocks count in the shift too)."""
     dims = Dims(B=1, K=m, batch_dim=0)
     heads_only = PerSample({i: g.reshape(1, 1, -1) for i, (_, g) in head_grads.items()})
-    bounds = [e for e in (f.exponent() for f in [*prepared, heads_only]) if e is not None]
-    shift = gram_shift(bounds, dtype, device)
+    shift = gram_shift(factor_exponents([*prepared, heads_only]), dtype, device)
     gramian = torch.zeros(m, m, dtype=dtype, device=device)
     for f in prepared:
         g = f.gram(dims, shift)

@@ -78,6 +78,11 @@ CASES = {
         lambda: (torch.randint(0, 6, (5, 7)),),
         mse,
     ),
+    "embedding_tasks": (
+        lambda: nn.Sequential(nn.Embedding(6, 4, padding_idx=1), nn.Linear(4, 3)),
+        lambda: (torch.randint(0, 6, (4, 5)),),
+        TwoTasks(),
+    ),
     "norms": (
         lambda: nn.Sequential(
             nn.Conv2d(2, 4, 3),
@@ -162,6 +167,36 @@ def test_batch_dim_1() -> None:
     assert_exact(model, (torch.randn(3, 4, 4, dtype=torch.float64),), loss_fn, "auto", batch_dim=1)
 
 
+@pytest.mark.parametrize("hooks", [False, True])
+def test_layer_norm_input_from_the_graph(monkeypatch, hooks: bool) -> None:
+    """LayerNorm's normalised input comes from its call's saved mean and deviation (eager, no
+    saved-tensor hooks), else from a second layer norm; exact either way (2-D normalised
+    shape, batch_dim=1, two losses per sample)."""
+    found: list[bool] = []
+    real = _layers._layer_norm_from_graph
+
+    def spy(*args):
+        out = real(*args)
+        found.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_layers, "_layer_norm_from_graph", spy)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(-1, (2, 3)), nn.LayerNorm((2, 3)),
+                          nn.Flatten(-2), nn.Tanh(), nn.Linear(6, 2))  # fmt: skip
+
+    def loss_fn(out: Tensor) -> Tensor:  # [T, B, 2] -> [2, B]
+        return torch.stack([(out**2).sum((0, 2)), torch.sin(out).sum((0, 2))])
+
+    x = (torch.randn(3, 5, 4, dtype=torch.float64),)
+    if hooks:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            assert_exact(model, x, loss_fn, "auto", batch_dim=1)
+    else:
+        assert_exact(model, x, loss_fn, "auto", batch_dim=1)
+    assert found == [not hooks]
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     B=st.integers(1, 5),
@@ -213,6 +248,10 @@ def test_formed_factor_equals_stored_and_ghost(shift: int | None) -> None:
     for i, g in formed.weighted(w).items():
         torch.testing.assert_close(g, stored[i], rtol=1e-12, atol=1e-12)
     assert formed_cheaper(f)
+    # Without bias, 1024 numbers per gradient (a zero input column is added): the same.
+    f = LinearFactor(0, None, torch.randn(1, 3, 4, 32) * 8, torch.randn(1, 3, 2, 4, 32) / 3)
+    G = FormedLinearFactor.of(f).gram(dims, s)
+    torch.testing.assert_close(G, PerSample(f.materialize()).gram(dims, s), rtol=1e-12, atol=0)
     conv = LinearFactor(0, 1, torch.zeros(1, 32, 900, 27), torch.zeros(1, 32, 1, 900, 16))
     assert not formed_cheaper(conv)
 

@@ -173,3 +173,24 @@ def test_compiled_gramian_skips_the_unit_scaling_exactly() -> None:
         assert int(e) == int(e_eager) and (int(e) == 0) == (k == 0)
         # float32 kernels fused differently: agreement to rounding, not bitwise
         torch.testing.assert_close(G, G_eager, rtol=1e-4, atol=1e-6 * float(G_eager.abs().max()))
+
+
+def test_exponents_at_once_equal_one_by_one() -> None:
+    """``exponents`` (all tensors' reductions stacked) == ``exponent`` per tensor: empty,
+    zero, non-finite, float64 beyond float32's range, integers."""
+    from jdoptim.gramian._scale import exponent, exponents
+
+    torch.manual_seed(0)
+    xs = [
+        torch.randn(3, 4) * 2.0**40,
+        torch.zeros(0),
+        torch.zeros(2, 2),
+        torch.tensor([1.0, float("inf")]),
+        torch.tensor([float("nan"), 2.0]),
+        torch.tensor([-3.0, 0.5], dtype=torch.float64),
+        torch.tensor([1e300], dtype=torch.float64),
+        torch.tensor([-(2.0**-140), 2.0**-141], dtype=torch.float64),
+        torch.tensor([5, -7]),
+    ]
+    assert [int(e) for e in exponents(xs)] == [int(exponent(x)) for x in xs]
+    assert exponents([]) == []
