@@ -22,6 +22,19 @@ static double dot(const double *restrict a, const double *restrict b, int n)
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
+/* ||u||_2, scaled by the largest |u_i| so that no square overflows or underflows. */
+static double norm(const double *u, int m)
+{
+    double top = 0.0, sum = 0.0;
+    for (int i = 0; i < m; i++)
+        top = fabs(u[i]) > top ? fabs(u[i]) : top;
+    if (!(top > 0.0) || isinf(top))
+        return top;
+    for (int i = 0; i < m; i++)
+        sum += (u[i] / top) * (u[i] / top);
+    return top * sqrt(sum);
+}
+
 /* y[0..n) += alpha x[0..n). */
 static void axpy(int n, double alpha, const double *restrict x, double *restrict y)
 {
@@ -313,7 +326,7 @@ void jdoptim_nnqp(int k, int m, const double *G, const double *H, const double *
         const double *u = U + o;
         double *x = X + o;
         steps[r] = solve_row(m, G, H, u, C + o, start ? start + o : NULL,
-                             tol * sqrt(dot(u, u, m)), max_steps, x, lam, L, rd, iwork,
+                             tol * norm(u, m), max_steps, x, lam, L, rd, iwork,
                              iwork + m, z, w);
         for (int i = 0; i < m; i++)
             x[i] += u[i];

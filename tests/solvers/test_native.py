@@ -135,3 +135,18 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "_state", {})
     assert not native.available()
     torch.testing.assert_close(project_weights(U, J @ J.T), W, rtol=0, atol=1e-12)
+
+
+@needs_native
+@pytest.mark.parametrize("scale", [2.0**-1000, 2.0**-500, 2.0**500, 2.0**1000])
+def test_bounds_of_any_scale(scale: float) -> None:
+    """The multipliers' threshold (relative to ||u||) does not overflow or underflow: bounds
+    scaled by a power of two give the scaled solution, bit for bit."""
+    G = _g_hat(make_jacobian("lowrank", 24, seed=2))
+    g = torch.Generator().manual_seed(2)
+    U = torch.cat([torch.eye(24, dtype=F64), torch.randn(3, 24, generator=g, dtype=F64)])
+    start = ~initial_active(G, U, None)
+    x, done = native.solve(G, U, start=start)
+    y, done_scaled = native.solve(G, U * scale, start=start)
+    assert bool(done.all()) and bool(done_scaled.all())
+    assert torch.equal(y, x * scale)
