@@ -83,7 +83,11 @@ def check_matrix(matrix: Tensor, name: str = "matrix") -> None:
 
 def check_finite(t: Tensor, name: str) -> None:
     """Raise ``ValueError`` if ``t`` has a NaN or infinite entry (when value checks may run)."""
-    if should_check_values(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not (should_check_values(t) and t.is_floating_point()):
+        return
+    # The sum is finite when every entry is (one reduction); only a NaN, an inf or an overflow
+    # of the sum makes it not, and then the entries are checked one by one.
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise ValueError(
             f"Parameter `{name}` has non-finite entries (NaN or inf); refusing to produce a "
             f"meaningless result."

@@ -8,106 +8,168 @@
 #include <stddef.h>
 #include <string.h>
 
-
-/* Cholesky factor L (lower, row-major with leading dimension m) of G restricted to the indices
- * free[0..n), from scratch. Returns 0 on success, -1 if a pivot is not positive. */
-static int factor(int m, const double *G, const int *free, int n, double *L)
+/* a . b over n entries, in eight interleaved partial sums: independent chains that the CPU
+ * overlaps (and the compiler may pack into vectors), in a fixed order (deterministic). */
+static double dot(const double *restrict a, const double *restrict b, int n)
 {
-    for (int i = 0; i < n; i++) {
-        const double *gi = G + (size_t)free[i] * m;
-        double *li = L + (size_t)i * m;
-        for (int j = 0; j <= i; j++) {
-            const double *lj = L + (size_t)j * m;
-            double v = gi[free[j]];
-            for (int k = 0; k < j; k++)
-                v -= li[k] * lj[k];
-            if (j < i) {
-                li[j] = v / lj[j];
-            } else {
-                if (!(v > 0.0))
-                    return -1;
-                li[i] = sqrt(v);
-            }
+    double p[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; j++)
+            p[j] += a[k + j] * b[k + j];
+    for (; k < n; k++)
+        p[k & 7] += a[k] * b[k];
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+/* ||u||_2, scaled by the largest |u_i| so that no square overflows or underflows. */
+static double norm(const double *u, int m)
+{
+    double top = 0.0, sum = 0.0;
+    for (int i = 0; i < m; i++)
+        top = fabs(u[i]) > top ? fabs(u[i]) : top;
+    if (!(top > 0.0) || isinf(top))
+        return top;
+    for (int i = 0; i < m; i++)
+        sum += (u[i] / top) * (u[i] / top);
+    return top * sqrt(sum);
+}
+
+/* y[0..n) += alpha x[0..n). */
+static void axpy(int n, double alpha, const double *restrict x, double *restrict y)
+{
+    for (int k = 0; k < n; k++)
+        y[k] += alpha * x[k];
+}
+
+
+/* Every factor below is a lower-triangular L (row-major, leading dimension m) with r, the
+ * reciprocals of its diagonal: products replace divisions on the solves' critical paths. */
+
+/* Extend the factor of G restricted to idx[0..n0) to idx[0..n): rows n0..n-1 (n0 = 0: from
+ * scratch). By columns: the entries of one column are independent dot products, which the CPU
+ * overlaps (rows one at a time would chain them). Returns 0, or -1 if a pivot is not positive. */
+static int extend(int m, const double *G, const int *idx, int n0, int n, double *L, double *r)
+{
+    for (int j = 0; j < n; j++) {
+        const double *gj = G + (size_t)idx[j] * m;
+        double *lj = L + (size_t)j * m;
+        if (j >= n0) {
+            const double v = gj[idx[j]] - dot(lj, lj, j);
+            if (!(v > 0.0))
+                return -1;
+            lj[j] = sqrt(v);
+            r[j] = 1.0 / lj[j];
+        }
+        for (int i = j + 1 > n0 ? j + 1 : n0; i < n; i++) {
+            double *li = L + (size_t)i * m;
+            li[j] = (gj[idx[i]] - dot(li, lj, j)) * r[j];
         }
     }
     return 0;
 }
 
-/* Append index j to the factor of the n free indices (one new row). */
-static int append(int m, const double *G, const int *free, int n, int j, double *L)
+/* Remove position p from the factor L of the n indices idx[0..n) (and from idx): with
+ * L = [L11 0 0; l' d 0; L31 x L33], the factor of the rest is [L11 0; L31 L33~], where
+ * L33~ L33~^T = L33 L33^T + x x^T, a rank-one update (O((n - p) n)). xs: scratch, n doubles. */
+static void drop(int m, double *L, double *r, int *idx, int n, int p, double *xs)
 {
-    const double *gj = G + (size_t)j * m;
-    double *ln = L + (size_t)n * m;
-    double d = gj[j];
-    for (int i = 0; i < n; i++) {
-        const double *li = L + (size_t)i * m;
-        double v = gj[free[i]];
-        for (int k = 0; k < i; k++)
-            v -= li[k] * ln[k];
-        v /= li[i];
-        ln[i] = v;
-        d -= v * v;
+    for (int i = p + 1; i < n; i++) {
+        double *src = L + (size_t)i * m, *dst = L + (size_t)(i - 1) * m;
+        xs[i - p - 1] = src[p];
+        memmove(dst, src, sizeof(double) * (size_t)p);
+        memmove(dst + p, src + p + 1, sizeof(double) * (size_t)(i - p));
+        idx[i - 1] = idx[i];
     }
-    if (!(d > 0.0))
-        return -1;
-    ln[n] = sqrt(d);
-    return 0;
+    const int k = n - p - 1;
+    for (int i = 0; i < k; i++) {
+        double *li = L + (size_t)(p + i) * m;
+        const double lii = li[p + i], xi = xs[i];
+        const double d = sqrt(lii * lii + xi * xi);
+        const double cc = d / lii, sn = xi / lii, ci = lii / d;
+        li[p + i] = d;
+        r[p + i] = 1.0 / d;
+        for (int j = i + 1; j < k; j++) {
+            double *lj = L + (size_t)(p + j) * m;
+            const double v = (lj[p + i] + sn * xs[j]) * ci;
+            xs[j] = cc * xs[j] - sn * v;
+            lj[p + i] = v;
+        }
+    }
 }
 
 /* x <- (L L^T)^{-1} x, for the n x n factor L (leading dimension m). */
-static void chol_solve(int m, const double *L, int n, double *x)
+static void chol_solve(int m, const double *L, const double *r, int n, double *x)
 {
     for (int i = 0; i < n; i++) {
         const double *li = L + (size_t)i * m;
-        double v = x[i];
-        for (int k = 0; k < i; k++)
-            v -= li[k] * x[k];
-        x[i] = v / li[i];
+        x[i] = (x[i] - dot(li, x, i)) * r[i];
     }
+    /* L^T x = y by columns of L^T, i.e. rows of L (contiguous). */
     for (int i = n - 1; i >= 0; i--) {
-        double v = x[i];
-        for (int k = i + 1; k < n; k++)
-            v -= L[(size_t)k * m + i] * x[k];
-        x[i] = v / L[(size_t)i * m + i];
+        const double *li = L + (size_t)i * m;
+        x[i] *= r[i];
+        axpy(i, -x[i], li, x);
     }
 }
 
 /* z = -(G_FF)^{-1} c_F on the n free indices (L: a factor of G_FF). */
-static void face_solve(int m, const double *L, const int *free, int n, const double *c, double *z)
+static void face_solve(int m, const double *L, const double *r, const int *free, int n,
+                       const double *c, double *z)
 {
     for (int i = 0; i < n; i++)
         z[i] = -c[free[i]];
-    chol_solve(m, L, n, z);
+    chol_solve(m, L, r, n, z);
+}
+
+/* w = sum_i coef[i] M[idx[i], :] over n rows of the m x m matrix M (contiguous rows; four per
+ * pass over w). */
+static void combine_rows(int m, const double *M, const int *idx, const double *coef, int n,
+                         double *w)
+{
+    memset(w, 0, sizeof(double) * (size_t)m);
+    int a = 0;
+    for (; a + 4 <= n; a += 4) {
+        const double *restrict h0 = M + (size_t)idx[a] * m;
+        const double *restrict h1 = M + (size_t)idx[a + 1] * m;
+        const double *restrict h2 = M + (size_t)idx[a + 2] * m;
+        const double *restrict h3 = M + (size_t)idx[a + 3] * m;
+        const double l0 = coef[a], l1 = coef[a + 1], l2 = coef[a + 2], l3 = coef[a + 3];
+        for (int j = 0; j < m; j++)
+            w[j] += (l0 * h0[j] + l1 * h1[j]) + (l2 * h2[j] + l3 * h3[j]);
+    }
+    for (; a < n; a++)
+        axpy(m, coef[a], M + (size_t)idx[a] * m, w);
 }
 
 /* z[k] = s-target of free index free[k] on the face, from the active side (H = G^{-1}): as
  * G v = lam with lam_F = 0 and v_A = u_A, the multipliers are lam_A = (H_AA)^{-1} u_A (L: a
  * factor of H_AA) and v_F = H_{F,A} lam_A, so s_F = H_{F,A} lam_A - u_F.
  * lamA (out): the multipliers, in the order of act. */
-static void face_solve_active(int m, const double *H, const double *L, const int *act, int na,
-                              const int *free, int n, const double *u, double *lamA, double *z)
+static void face_solve_active(int m, const double *H, const double *L, const double *r,
+                              const int *act, int na,
+                              const int *free, int n, const double *u, double *lamA, double *z,
+                              double *w)
 {
     for (int i = 0; i < na; i++)
         lamA[i] = u[act[i]];
-    chol_solve(m, L, na, lamA);
-    for (int k = 0; k < n; k++) {
-        const double *hf = H + (size_t)free[k] * m;
-        double v = -u[free[k]];
-        for (int a = 0; a < na; a++)
-            v += hf[act[a]] * lamA[a];
-        z[k] = v;
-    }
+    chol_solve(m, L, r, na, lamA);
+    combine_rows(m, H, act, lamA, na, w);  /* v = H_{:,A} lam_A (H is symmetric) */
+    for (int k = 0; k < n; k++)
+        z[k] = w[free[k]] - u[free[k]];
 }
 
-/* One row. s (out, m), lam (work, m), L (work, m*m), free/act (work, m each), z (work,
- * m). start (may be NULL): indices with start[i] != 0 are freed before the first step. H (may
- * be NULL): G^{-1}; with it, a row whose start has fewer active than free indices solves its
- * faces from the active side (a factor of H_AA instead of G_FF).
+/* One row. s (out, m); lam, z, w (work, m each); L (work, m*m) and rd (work, m): a factor
+ * and the reciprocals of its diagonal; free/act (work, m each). start (may be NULL): indices
+ * with start[i] != 0 are freed before the first step. H (may be NULL): G^{-1}; with it, a row
+ * whose start has fewer active than free indices solves its faces from the active side (a
+ * factor of H_AA instead of G_FF).
  * Returns the number of steps taken (>= 0), or -1 (no convergence within max_steps, or a
  * factorisation failed: the caller solves this row another way). */
 static int solve_row(int m, const double *G, const double *H, const double *u, const double *c,
                      const unsigned char *start, double tol, int max_steps, double *s,
-                     double *lam, double *L, int *free, int *act, double *z)
+                     double *lam, double *L, double *rd, int *free, int *act, double *z,
+                     double *w)
 {
     int n = 0, na = 0, steps = 0;
     memset(s, 0, sizeof(double) * (size_t)m);
@@ -118,7 +180,7 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             act[na++] = i;
     }
     const int active_side = H != NULL && na < n;
-    if (active_side ? factor(m, H, act, na, L) : factor(m, G, free, n, L))
+    if (active_side ? extend(m, H, act, 0, na, L, rd) : extend(m, G, free, 0, n, L, rd))
         return -1;
     for (;;) {
         /* Minimise on the face {s_i = 0 outside free}; step towards the face's minimiser,
@@ -127,9 +189,9 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             if (++steps > max_steps)
                 return -1;
             if (active_side)
-                face_solve_active(m, H, L, act, na, free, n, u, lam, z);
+                face_solve_active(m, H, L, rd, act, na, free, n, u, lam, z, w);
             else
-                face_solve(m, L, free, n, c, z);
+                face_solve(m, L, rd, free, n, c, z);
             double alpha = 1.0;
             int block = -1;
             for (int i = 0; i < n; i++) {
@@ -148,67 +210,125 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             }
             if (block < 0)
                 break;
-            /* Every free index at its bound leaves (the blocking one, and ties). */
-            int kept = 0;
-            for (int i = 0; i < n; i++) {
-                int fi = free[i];
-                if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
-                    s[fi] = 0.0;
-                    if (active_side && append(m, H, act, na, fi, L) != 0)
-                        return -1;
-                    act[na++] = fi;
-                } else {
-                    free[kept++] = fi;
+            /* Every free index at its bound leaves (the blocking one, and ties). From the
+             * free side, each leaves the factor of G_FF by a rank-one update, last position
+             * first (earlier positions stay put), unless refactoring is cheaper. */
+            int leaving = 0, left = 0;
+            long drop_cost = 0;
+            for (int i = n - 1; i >= 0; i--) {
+                if (i == block || (z[i] < 0.0 && s[free[i]] <= 0.0)) {
+                    drop_cost += 2L * (n - left - i) * (n - left);
+                    leaving++;
+                    left++;
                 }
             }
-            n = kept;
-            if (!active_side && factor(m, G, free, n, L) != 0)
-                return -1;
+            const long rest = n - leaving;
+            const int refactor = !active_side && 6 * drop_cost > rest * rest * rest;
+            if (active_side || refactor) {
+                const int na0 = na;
+                int kept = 0;
+                for (int i = 0; i < n; i++) {
+                    int fi = free[i];
+                    if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
+                        s[fi] = 0.0;
+                        act[na++] = fi;
+                    } else {
+                        free[kept++] = fi;
+                    }
+                }
+                n = kept;
+                if (active_side ? extend(m, H, act, na0, na, L, rd)
+                                : extend(m, G, free, 0, n, L, rd))
+                    return -1;
+            } else {
+                for (int i = n - 1; i >= 0; i--) {
+                    int fi = free[i];
+                    if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
+                        s[fi] = 0.0;
+                        act[na++] = fi;
+                        drop(m, L, rd, free, n--, i, w);
+                    }
+                }
+            }
         }
         /* Multipliers of the active bounds: lam = G s + c (free entries are 0). After a full
          * step from the active side they are the face's multipliers, already at hand. */
         if (!active_side) {
-            for (int a = 0; a < na; a++) {
-                const double *ga = G + (size_t)act[a] * m;
-                double v = c[act[a]];
-                for (int k = 0; k < n; k++)
-                    v += ga[free[k]] * s[free[k]];
-                lam[a] = v;
-            }
+            for (int k = 0; k < n; k++)
+                z[k] = s[free[k]];
+            combine_rows(m, G, free, z, n, w);  /* G s, by rows of G (symmetric) */
+            for (int a = 0; a < na; a++)
+                lam[a] = c[act[a]] + w[act[a]];
         }
         /* Every bound of negative multiplier (below -tol) is freed at once: the face
          * minimiser then has a lower objective, and the step towards it is a descent step. */
-        int kept = 0, freed = 0;
-        for (int a = 0; a < na; a++) {
-            int i = act[a];
-            if (lam[a] < -tol) {
-                if (!active_side && append(m, G, free, n, i, L) != 0)
+        if (!active_side) {
+            const int n0 = n;
+            int kept = 0;
+            for (int a = 0; a < na; a++) {
+                if (lam[a] < -tol)
+                    free[n++] = act[a];
+                else
+                    act[kept++] = act[a];
+            }
+            na = kept;
+            if (n == n0)
+                return steps;
+            if (extend(m, G, free, n0, n, L, rd) != 0)
+                return -1;
+        } else {
+            /* From the active side, the freed bounds leave the factor of H_AA (as above). */
+            int leaving = 0;
+            long drop_cost = 0;
+            for (int a = na - 1; a >= 0; a--) {
+                if (lam[a] < -tol) {
+                    drop_cost += 2L * (na - leaving - a) * (na - leaving);
+                    leaving++;
+                }
+            }
+            if (leaving == 0)
+                return steps;
+            const long rest = na - leaving;
+            if (6 * drop_cost > rest * rest * rest) {
+                int kept = 0;
+                for (int a = 0; a < na; a++) {
+                    if (lam[a] < -tol)
+                        free[n++] = act[a];
+                    else
+                        act[kept++] = act[a];
+                }
+                na = kept;
+                if (extend(m, H, act, 0, na, L, rd) != 0)
                     return -1;
-                free[n++] = i;
-                freed = 1;
             } else {
-                act[kept++] = i;
+                for (int a = na - 1; a >= 0; a--) {
+                    if (lam[a] < -tol) {
+                        free[n++] = act[a];
+                        drop(m, L, rd, act, na--, a, w);
+                    }
+                }
             }
         }
-        na = kept;
-        if (!freed)
-            return steps;
-        if (active_side && factor(m, H, act, na, L) != 0)
-            return -1;
     }
 }
 
-/* k rows: U, C = U G and S are k x m (row-major), start is k x m or NULL, steps (out) has k
- * entries; H is G^{-1} or NULL. tol[r] is row r's threshold on the multipliers.
- * work: 2m + m*m doubles; iwork: 2m ints. */
+/* k rows: U, C = U G and X are k x m (row-major); start is k x m or NULL; steps (out) has k
+ * entries; H is G^{-1} or NULL. A row's multipliers are taken as negative below -tol ||u||_2.
+ * On return, X = U + S (the solutions). work: 4m + m*m doubles; iwork: 2m ints. */
 void jdoptim_nnqp(int k, int m, const double *G, const double *H, const double *U,
-                  const double *C, const unsigned char *start, const double *tol, int max_steps,
-                  double *S, int *steps, double *work, int *iwork)
+                  const double *C, const unsigned char *start, double tol, int max_steps,
+                  double *X, int *steps, double *work, int *iwork)
 {
-    double *lam = work, *z = work + m, *L = work + 2 * (size_t)m;
+    double *lam = work, *z = work + m, *w = work + 2 * (size_t)m, *rd = work + 3 * (size_t)m;
+    double *L = work + 4 * (size_t)m;
     for (int r = 0; r < k; r++) {
-        size_t o = (size_t)r * m;
-        steps[r] = solve_row(m, G, H, U + o, C + o, start ? start + o : NULL, tol[r],
-                             max_steps, S + o, lam, L, iwork, iwork + m, z);
+        const size_t o = (size_t)r * m;
+        const double *u = U + o;
+        double *x = X + o;
+        steps[r] = solve_row(m, G, H, u, C + o, start ? start + o : NULL,
+                             tol * norm(u, m), max_steps, x, lam, L, rd, iwork,
+                             iwork + m, z, w);
+        for (int i = 0; i < m; i++)
+            x[i] += u[i];
     }
 }

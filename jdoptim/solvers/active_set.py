@@ -323,11 +323,13 @@ def certify(gramian: Tensor, lower: Tensor, x: Tensor, mu: float, rtol: float) -
     ``rtol * ||u||_2``.
     """
     target = rtol * lower.norm(dim=-1)
-    sigma = 1e-3 * target[:, None] / math.sqrt(max(1, x.shape[-1]))
-    snapped = torch.where(x - lower <= sigma, lower, x)
+    sigma = target[:, None] * (1e-3 / math.sqrt(max(1, x.shape[-1])))
+    gap = x - lower
+    at_bound = gap <= sigma  # sigma >= 0: elsewhere x_s = x > u (NaN: not at the bound)
+    snapped = torch.where(at_bound, lower, x)
     grad = snapped @ gramian
-    e = torch.where(snapped > lower, grad, grad.clamp(max=0.0))
-    bound = (x - snapped).norm(dim=-1) + e.norm(dim=-1) / mu
+    e = torch.where(at_bound, grad.clamp(max=0.0), grad)
+    bound = torch.add(torch.where(at_bound, gap, 0.0).norm(dim=-1), e.norm(dim=-1), alpha=1 / mu)
     return bound <= target
 
 

@@ -128,17 +128,19 @@ Gramians need systems of 74-81), ``aligned_conflict`` 84 / 127, the other famili
 this rule keeps the first for those and the second for W2."""
 
 
-NATIVE_MAX_M = 96
+NATIVE_MAX_M = 160
 NATIVE_ACTIVE_MAX_M = 256
-NATIVE_ACTIVE_FRACTION = 5
+NATIVE_ACTIVE_FRACTION = 3
 """On the CPU, for ``m <= NATIVE_MAX_M``, and up to ``NATIVE_ACTIVE_MAX_M`` when every row's
 guessed active set has at most ``m / NATIVE_ACTIVE_FRACTION`` bounds (per-sample Gramians), the
 rows are solved by the compiled primal active-set method of :mod:`jdoptim.solvers.native` when
 it is available; the torch solver takes the rows it does not finish or certify. Measured
 (2026-12-01, 1 thread, median ms per ``UPGradWeighting`` call, native / torch solver): the test
-bank's kinds at m = 32 0.2-0.3 / 1.3-2.5 (torch: the eager pivoting), m = 96 3.8-12.6 /
-5.5-16.7, m = 128 9.0-39 / 6.8-26 (hence the limit); W2's per-sample Gramians (few active
-bounds) m = 64 0.73 / 2.90, m = 128 2.5 / 6.8, m = 256 27 / 47."""
+bank's kinds at m = 96 2.2-7.0 / 7.0-17.6, m = 128 4.7-17 / 6.2-27, m = 160 8.1-35 / 11-42,
+m = 192 15-59 / 14-61 (mixed), m = 256 49-184 / 26-120 (hence the limit); W2's per-sample
+Gramians (few active bounds) m = 64 0.56, m = 128 1.8, m = 256 13 / 47; warm-started from the
+previous solution (whose active sets, about m/4, the Newton guess at u underestimates) m = 256
+9.3 / 20.7; the test bank's guessed active sets are about m/2 there."""
 
 PADDED_PIVOT_MAX_M = 32
 """On the CPU, for ``m <= PADDED_PIVOT_MAX_M`` and once the process has made
@@ -192,6 +194,14 @@ def _padded_size(gramian: Tensor, lower: Tensor, init: Tensor | None) -> int | N
 def _dual_cone_cpu(
     gramian: Tensor, lower: Tensor, init: Tensor | None, mu: float, kappa: float
 ) -> Tensor:
+    return _dual_cone_cpu_eager(gramian, lower, init, mu, kappa)
+
+
+def _dual_cone_cpu_eager(
+    gramian: Tensor, lower: Tensor, init: Tensor | None, mu: float, kappa: float
+) -> Tensor:
+    # The operator's body: called directly in eager mode (it saves the operator's dispatch,
+    # 0.06-0.3 ms a call), through the operator when compiling (an opaque node in the graph).
     # CPU only: host reads of the certificate are free here (no device to synchronise with).
     # Inference mode with fresh copies: the compiled MPRGP kernel then sees inputs of the same
     # kind (dispatch keys) whether the operator runs eagerly or inside a compiled graph.
@@ -199,17 +209,21 @@ def _dual_cone_cpu(
         gramian, lower = gramian.clone(), lower.clone()
         init = None if init is None else init.clone()
         m = lower.shape[-1]
-        start = None
+        start = products = None
         if m <= NATIVE_ACTIVE_MAX_M and native.available():
             # The free sets guessed by a Newton step's rule; rows with few active bounds solve
             # their faces from the active side (per-sample Gramians: |A| ~ m/8).
-            start = ~initial_active(gramian, lower, init)
-            if m > NATIVE_MAX_M and int((m - start.sum(-1)).amax()) > m // NATIVE_ACTIVE_FRACTION:
+            products = lower @ gramian
+            if init is None:  # the rule at v0 = u (initial_active), with the product kept
+                start = ~(products > 0)
+            else:
+                start = ~initial_active(gramian, lower, init)
+            if m > NATIVE_MAX_M and m - int(start.sum(-1).amin()) > m // NATIVE_ACTIVE_FRACTION:
                 start = None  # CPU: no sync
         if start is not None:
             # The compiled active-set method; the rows it does not finish, or that fail the
             # certificate, go to the torch solver.
-            x, done = native.solve(gramian, lower, start=start)
+            x, done = native.solve(gramian, lower, start, products)
             rest = ~(done & certify(gramian, lower, x, mu, POLISH_RTOL))
             if bool(rest.any()):
                 again = None if init is None else init[rest]
@@ -278,7 +292,9 @@ def solve_dual_cone(g_hat: Tensor, lower: Tensor, reg_eps: float, init: Tensor |
     if init is not None:
         init = init.to(lower.dtype)
     if g_hat.device.type == "cpu":
-        return _dual_cone_cpu(g_hat, lower, init, reg_eps, kappa)
+        if torch.compiler.is_compiling():
+            return _dual_cone_cpu(g_hat, lower, init, reg_eps, kappa)
+        return _dual_cone_cpu_eager(g_hat, lower, init, reg_eps, kappa)
     return solve_fixed(g_hat, lower, reg_eps, kappa, init)
 
 

@@ -8,15 +8,16 @@ Every row :math:`u` of the dual-cone problem (:mod:`jdoptim.solvers.dual_cone`) 
 
 :file:`_nnqp.c` solves it by the primal active-set method (Nocedal & Wright, *Numerical
 Optimization*, algorithm 16.3) on bounds: from :math:`s = 0` and a guessed free set, it moves
-towards the minimiser of the face of free indices and stops at the first bound it crosses,
-which becomes active again; at a face's minimiser it frees every bound of negative multiplier
-at once (a descent direction still), and stops when there is none. The objective decreases at
-every step and no face is visited twice, so the method ends, in exact arithmetic, at the
-solution (5-14 steps a row on the test bank at m = 32-64). Each face is solved from the smaller
-side: from the free side with a Cholesky factor of :math:`\hat G_{FF}` (one row appended per
-freed index), or, given :math:`H = \hat G^{-1}`, from the active side, since :math:`\hat G v =
-\lambda` with :math:`\lambda_F = 0` and :math:`v_A = u_A` give :math:`\lambda_A = H_{AA}^{-1}
-u_A` and :math:`v_F = H_{FA} \lambda_A` (per-sample Gramians: few active bounds). The whole
+towards the minimiser of the face of free indices and stops at the first bound it crosses, which
+becomes active again; at a face's minimiser it frees every bound of negative multiplier at once
+(a descent direction still), and stops when there is none. The objective decreases at every step
+and no face is visited twice, so the method ends, in exact arithmetic, at the solution (5-14
+steps a row on the test bank at m = 32-64). Each face is solved from the smaller side: from the
+free side with a Cholesky factor of :math:`\hat G_{FF}` (one row appended per freed index, one
+removed by a rank-one update per blocked one), or, given :math:`H = \hat G^{-1}`, from the
+active side, since :math:`\hat G v = \lambda` with :math:`\lambda_F = 0` and :math:`v_A = u_A`
+give :math:`\lambda_A = H_{AA}^{-1} u_A` and :math:`v_F = H_{FA} \lambda_A` (per-sample
+Gramians: few active bounds; the factor of :math:`H_{AA}` is updated the same way). The whole
 batch of ``k`` rows runs in one call, with no per-operation dispatch, which is what the torch
 pivoting pays for at small ``m`` (about 250 operations of 3-8 us at m = 32).
 
@@ -55,7 +56,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("_nnqp.c")
-_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c99")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
 _state: dict[str, object] = {}
 
 
@@ -103,8 +104,8 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     fn = lib.jdoptim_nnqp
     fn.restype = None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
-    fn.argtypes += [ctypes.c_void_p] * 4
+    fn.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
+    fn.argtypes += [ctypes.c_double, ctypes.c_int] + [ctypes.c_void_p] * 4
     return lib
 
 
@@ -135,35 +136,37 @@ def max_steps(m: int) -> int:
 
 
 def solve(
-    gramian: Tensor, lower: Tensor, tol: Tensor | None = None, start: Tensor | None = None
+    gramian: Tensor,
+    lower: Tensor,
+    start: Tensor | None = None,
+    products: Tensor | None = None,
+    rtol: float = 1e-15,
 ) -> tuple[Tensor, Tensor]:
     r"""Solve :math:`\min_{v \ge u} \tfrac12 v^\top \hat G v` for every row ``u`` of ``lower``
     (``[k, m]``, float64, CPU) with the compiled active-set method; ``gramian`` must be
-    positive definite. ``tol`` (``[k]``): a bound is freed while its multiplier is below
-    ``-tol`` (default ``1e-15 ||u||_2``). ``start`` (``[k, m]`` boolean, optional): indices
-    freed before the first step (a warm start). Returns the rows and a ``[k]`` mask of the rows
-    the method finished (the others hold garbage: solve them another way). The finished rows
-    are exact solutions of the face they end on; check them (``certify``) before use."""
+    positive definite. ``start`` (``[k, m]`` boolean, optional): indices freed before the first
+    step (a warm start). ``products`` (optional): ``lower @ gramian`` when the caller has it.
+    A bound is freed while its multiplier is below ``-rtol ||u||_2``. Returns the rows and a
+    ``[k]`` mask of the rows the method finished (the others hold garbage: solve them another
+    way). The finished rows are exact solutions of the face they end on; check them
+    (``certify``) before use."""
     lib = _library()
     if lib is None:
         raise RuntimeError("jdoptim's native solver is not available (see `native.available`).")
     k, m = lower.shape
     G = gramian.detach().to(torch.float64).contiguous()
     U = lower.detach().to(torch.float64).contiguous()
-    C = (U @ G).contiguous()
-    if tol is None:
-        tol = 1e-15 * U.norm(dim=-1)
-    tol = tol.to(torch.float64).contiguous()
+    C = (U @ G if products is None else products.to(torch.float64)).contiguous()
     H = None
     if start is not None:
-        start = start.to(torch.uint8).contiguous()
-        if bool((2 * start.sum(-1) > m).any()):  # some rows start with few active bounds
+        start = start.to(torch.bool).contiguous()  # one byte per entry, read as unsigned char
+        if 2 * int(start.sum(-1).amax()) > m:  # some rows start with few active bounds
             factor, info = torch.linalg.cholesky_ex(G)
             if int(info) == 0:  # else (not finite, say) every row works from the free side
                 H = torch.cholesky_inverse(factor).contiguous()
-    S = torch.empty_like(U)
+    X = torch.empty_like(U)
     steps = torch.empty(k, dtype=torch.int32)
-    work = torch.empty(m * m + 2 * m, dtype=torch.float64)
+    work = torch.empty(m * m + 4 * m, dtype=torch.float64)
     iwork = torch.empty(2 * m, dtype=torch.int32)
     lib.jdoptim_nnqp(
         k,
@@ -173,11 +176,11 @@ def solve(
         U.data_ptr(),
         C.data_ptr(),
         None if start is None else start.data_ptr(),
-        tol.data_ptr(),
+        rtol,
         max_steps(m),
-        S.data_ptr(),
+        X.data_ptr(),
         steps.data_ptr(),
         work.data_ptr(),
         iwork.data_ptr(),
     )
-    return U + S, steps >= 0
+    return X, steps >= 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jdoptim.solvers import dual_cone, native
 from jdoptim.solvers.active_set import initial_active
@@ -54,6 +56,34 @@ def test_rows_satisfy_kkt_and_match_quadprog(kind: str, m: int) -> None:
 
 
 @needs_native
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    m=st.integers(2, 160),
+    free_share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_any_start_reaches_the_solution(kind: str, m: int, free_share: float, seed: int) -> None:
+    """From arbitrary starts (random free sets, of any size: either side, and many bounds
+    leaving or entering the factors by updates), every finished row is the solution: KKT to
+    rounding and quadprog's answer, up to m = NATIVE_MAX_M."""
+    G = _g_hat(make_jacobian(kind, m, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(m, generator=g)[:3]
+    U = torch.cat([torch.eye(m, dtype=F64)[rows], torch.randn(2, m, generator=g, dtype=F64)])
+    start = torch.rand(U.shape, generator=g) < free_share
+    x, done = native.solve(G, U, start=start)
+    assert bool(done.all())
+    assert bool((x >= U).all())
+    lam = x @ G
+    scale = U.norm(dim=-1, keepdim=True)
+    assert bool((lam >= -1e-11 * scale).all())
+    assert bool(((lam * (x - U)).abs() <= 1e-11 * scale**2).all())
+    ref = dual_cone._quadprog_solve(G, U)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-7 * float(ref.abs().max()))
+
+
+@needs_native
 @pytest.mark.parametrize("family", FAMILIES)
 def test_native_equals_torch_solver(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The operator's two paths give the same weights (m = 40, hard families)."""
@@ -85,8 +115,8 @@ def test_operator_solves_what_the_native_method_leaves_or_gets_wrong(
     ref = project_weights(U, J @ J.T, solver="quadprog")
     solve = native.solve
 
-    def corrupted(G, lower, tol=None, start=None):
-        x, done = solve(G, lower, tol, start)
+    def corrupted(G, lower, start=None, products=None, rtol=1e-15):
+        x, done = solve(G, lower, start, products, rtol)
         x[0] += 1e-3  # claimed done, wrong
         done[1] = False  # reported unfinished
         return x, done
@@ -105,3 +135,18 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "_state", {})
     assert not native.available()
     torch.testing.assert_close(project_weights(U, J @ J.T), W, rtol=0, atol=1e-12)
+
+
+@needs_native
+@pytest.mark.parametrize("scale", [2.0**-1000, 2.0**-500, 2.0**500, 2.0**1000])
+def test_bounds_of_any_scale(scale: float) -> None:
+    """The multipliers' threshold (relative to ||u||) does not overflow or underflow: bounds
+    scaled by a power of two give the scaled solution, bit for bit."""
+    G = _g_hat(make_jacobian("lowrank", 24, seed=2))
+    g = torch.Generator().manual_seed(2)
+    U = torch.cat([torch.eye(24, dtype=F64), torch.randn(3, 24, generator=g, dtype=F64)])
+    start = ~initial_active(G, U, None)
+    x, done = native.solve(G, U, start=start)
+    y, done_scaled = native.solve(G, U * scale, start=start)
+    assert bool(done.all()) and bool(done_scaled.all())
+    assert torch.equal(y, x * scale)
