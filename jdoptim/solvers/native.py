@@ -21,13 +21,13 @@ Gramians: few active bounds; the factor of :math:`H_{AA}` is updated the same wa
 batch of ``k`` rows runs in one call, with no per-operation dispatch, which is what the torch
 pivoting pays for at small ``m`` (about 250 operations of 3-8 us at m = 32).
 
-**Checked, never trusted.** The source is compiled once per machine with the system's C
-compiler (``$CC``, else ``cc``/``gcc``/``clang``) into ``$JDOPTIM_CACHE`` (default
-``~/.cache/jdoptim``). A row that takes more than ``max_steps`` steps (rounding can make a
-step repeat) or whose factorisation fails is reported; the caller checks every other row
-with :func:`~jdoptim.solvers.active_set.certify` and solves the rest with the torch solver.
-Without a compiler, or with ``JDOPTIM_NATIVE=0``, :func:`available` is false and the torch
-solver runs alone (same results to rounding).
+**Checked, never trusted.** The source is compiled once per machine with the system's C compiler
+(``$CC``, else ``cc``/``gcc``/``clang``) into ``$JDOPTIM_CACHE`` (default ``~/.cache/jdoptim``;
+where that cannot be written, a private ``<tmp>/jdoptim-<uid>``). A row that takes more than
+``max_steps`` steps (rounding can make a step repeat) or whose factorisation fails is reported;
+the caller checks every other row with :func:`~jdoptim.solvers.active_set.certify` and solves
+the rest with the torch solver. Without a compiler, or with ``JDOPTIM_NATIVE=0``,
+:func:`available` is false and the torch solver runs alone (same results to rounding).
 
 >>> import torch
 >>> G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
@@ -75,20 +75,26 @@ def _cache_dir() -> Path:
     return Path(base) / "jdoptim"
 
 
-def _build() -> ctypes.CDLL | None:
-    if os.environ.get("JDOPTIM_NATIVE", "1") == "0" or sys.platform == "win32":
-        return None
-    cc = _compiler()
-    if cc is None:
-        return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"nnqp-{key}-{platform.machine()}.so"
+def _private_temp_dir() -> Path:
+    """``<tmp>/jdoptim-<uid>``, created private (0700); refused (``PermissionError``) unless it
+    belongs to this user and nobody else can write to it (a library loaded from a shared
+    directory must not be replaceable by another user)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    path = Path(tempfile.gettempdir()) / f"jdoptim-{uid}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if path.is_symlink() or info.st_uid != uid or info.st_mode & 0o022:
+        raise PermissionError(f"{path} is not a private directory of this user")
+    return path
+
+
+def _compile_into(directory: Path, cc: str, name: str) -> Path:
+    target = directory / name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: processes building at once (distributed
         # ranks) each rename a complete library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
         try:
             subprocess.run(
@@ -101,6 +107,22 @@ def _build() -> ctypes.CDLL | None:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    return target
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("JDOPTIM_NATIVE", "1") == "0" or sys.platform == "win32":
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
+    name = f"nnqp-{key}-{platform.machine()}.so"
+    try:
+        target = _compile_into(_cache_dir(), cc, name)
+    except OSError:  # a read-only home (some clusters): a private temporary directory
+        target = _compile_into(_private_temp_dir(), cc, name)
     lib = ctypes.CDLL(str(target))
     fn = lib.jdoptim_nnqp
     fn.restype = None

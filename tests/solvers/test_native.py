@@ -150,3 +150,23 @@ def test_bounds_of_any_scale(scale: float) -> None:
     y, done_scaled = native.solve(G, U * scale, start=start)
     assert bool(done.all()) and bool(done_scaled.all())
     assert torch.equal(y, x * scale)
+
+
+@needs_native
+def test_unwritable_cache_falls_back_to_a_private_temporary_directory(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache that cannot be written (a read-only home) builds into <tmp>/jdoptim-<uid>,
+    created private; a temporary directory others can write to is refused."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("JDOPTIM_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    lib = native._build()
+    assert lib is not None
+    private = tmp_path / f"jdoptim-{native.os.getuid()}"
+    assert [p.suffix for p in private.iterdir()] == [".so"]
+    assert private.stat().st_mode & 0o077 == 0
+    private.chmod(0o777)  # now shared: not trusted
+    with pytest.raises(PermissionError):
+        native._build()
