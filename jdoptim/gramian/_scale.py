@@ -72,8 +72,15 @@ def exponent(x: Tensor) -> Tensor:
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.int32, device=x.device)
     x = x.detach()  # amax and amin: far faster than vector_norm(ord=inf), even aminmax, on CPU
-    amax = torch.maximum(x.amax().float(), -x.amin().float())
+    wide = _wide([x])
+    amax = torch.maximum(x.amax().to(wide), -x.amin().to(wide))
     return torch.frexp(amax).exponent
+
+
+def _wide(xs: Sequence[Tensor]) -> torch.dtype:
+    """float64 when one of ``xs`` is (its maxima may be beyond float32's range: ``1e300`` is
+    ``inf`` and ``1e-300`` is ``0`` there, whose exponent is 0), else float32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def exponents(xs: Sequence[Tensor]) -> list[Tensor]:
@@ -85,17 +92,18 @@ def exponents(xs: Sequence[Tensor]) -> list[Tensor]:
     """
     if len({x.device for x in xs}) != 1:
         return [exponent(x) for x in xs]
+    wide = _wide(xs)
     top, low = [], []
     for x in xs:
         x = x.detach() if x.requires_grad else x
         if x.numel() == 0:
-            zero = torch.zeros((), device=x.device)
+            zero = torch.zeros((), dtype=wide, device=x.device)
             top.append(zero)
             low.append(zero)
         else:
             hi, lo = x.amax(), x.amin()
-            top.append(hi if hi.dtype == torch.float32 else hi.float())
-            low.append(lo if lo.dtype == torch.float32 else lo.float())
+            top.append(hi if hi.dtype == wide else hi.to(wide))
+            low.append(lo if lo.dtype == wide else lo.to(wide))
     amax = torch.maximum(torch.stack(top), -torch.stack(low))
     return list(torch.frexp(amax).exponent.unbind())
 

@@ -194,3 +194,29 @@ def test_exponents_at_once_equal_one_by_one() -> None:
     ]
     assert [int(e) for e in exponents(xs)] == [int(exponent(x)) for x in xs]
     assert exponents([]) == []
+    # float64 beyond float32's range keeps its exponent (not that of inf or 0, which is 0).
+    big, tiny = (
+        torch.tensor([1e300], dtype=torch.float64),
+        torch.tensor([1e-300], dtype=torch.float64),
+    )
+    assert (int(exponent(big)), int(exponent(tiny))) == (997, -996)
+    assert [int(e) for e in exponents([big, tiny, torch.ones(2)])] == [997, -996, 1]
+
+
+def test_float64_gradients_beyond_float32_range_are_scaled() -> None:
+    """float64 losses of 1e250: the Gramian stays finite and is the small losses' one times
+    10^500 / 2^gramian_exponent (the gradients' exponent is read in float64, not float32)."""
+    from fractions import Fraction
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    engine = LayerwiseGramianEngine(model)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    small = engine.compute((model(x) ** 2).sum(1), params)
+    big = engine.compute((model(x) ** 2).sum(1) * 1e250, params)
+    e = int(big.gramian_exponent)
+    assert torch.isfinite(big.gramian).all() and e > 0 and int(small.gramian_exponent) == 0
+    factor = float(Fraction(1e250) ** 2 / 2**e)  # exact, then rounded once
+    torch.testing.assert_close(big.gramian, small.gramian * factor, rtol=1e-12, atol=0)
+    engine.remove()
