@@ -436,7 +436,8 @@ class LayerwiseGramianEngine(GramianEngine):
         info = _Info(name, module, rule, pidx)  # type: ignore[arg-type]
         self._infos.append(info)
 
-        hook = EngineHook(self, LayerwiseGramianEngine._record_module_call, info, rule, claimed)
+        paths = [(*pname.split("."), p) for pname, p in claimed.items()]
+        hook = EngineHook(self, LayerwiseGramianEngine._record_module_call, info, rule, paths)
         info.hook = hook
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
@@ -444,7 +445,7 @@ class LayerwiseGramianEngine(GramianEngine):
         self,
         info: _Info,
         rule: ModuleRule,
-        claimed: dict[str, Tensor],
+        claimed: list[tuple],
         module: nn.Module,
         args: tuple,
         kwargs: dict,
@@ -454,7 +455,7 @@ class LayerwiseGramianEngine(GramianEngine):
         if not torch.is_grad_enabled() or self._replaying:
             return None
         self._note_eager()
-        same = all(module.get_parameter(n) is p for n, p in claimed.items())
+        same = all(_parameter_at(module, path[:-1]) is path[-1] for path in claimed)
         saved = None
         ok = info.name not in self._vmap_failed
         if ok and same and exact_call(module, info.cls, info.params, info.hook):
@@ -977,6 +978,17 @@ class LayerwiseGramianEngine(GramianEngine):
             reason = self._vmap_failed.get(info.name)
             out[info.name] = info.rule.name if reason is None else f"generic ({reason})"
         return out
+
+
+def _parameter_at(module: nn.Module, path: tuple[str, ...]) -> object:
+    """``module.get_parameter(".".join(path))``, or ``None`` where there is none (a direct walk
+    through ``_modules``: ``get_parameter`` costs about 3 us, and module rules check theirs at
+    every call)."""
+    for name in path[:-1]:
+        module = module._modules.get(name)  # type: ignore[assignment]
+        if module is None:
+            return None
+    return module._parameters.get(path[-1])
 
 
 def _dense(g: Tensor) -> Tensor:

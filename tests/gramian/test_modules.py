@@ -334,3 +334,25 @@ def test_recurrent_multi_losses(name: str) -> None:
     model = nn.ModuleList([rnn, head])
     x = torch.randn(3, 6, 4)
     check(model, lambda: head(rnn(x)[0]).pow(2).sum(1), claimed=True)
+
+
+@pytest.mark.parametrize("swap", ["parameter", "submodule"])
+def test_parameters_swapped_after_hooking_take_the_fallback(swap: str) -> None:
+    """A module rule checks at every call that its parameters are still the module's (here
+    ``out_proj``'s weight, or ``out_proj`` itself, replaced after the engine was built): else
+    the call takes the exact fallback. The old parameters, no longer used, are differentiated
+    too: their gradients are zero, which a rule still claiming them would get wrong."""
+    torch.manual_seed(6)
+    mha = nn.MultiheadAttention(E, 2, batch_first=True)
+    engine = LayerwiseGramianEngine(mha)
+    old = list(mha.out_proj.parameters())
+    if swap == "parameter":
+        mha.out_proj.weight = nn.Parameter(torch.randn(E, E))
+    else:
+        mha.out_proj = nn.modules.linear.NonDynamicallyQuantizableLinear(E, E)
+    x = torch.randn(B, T, E)
+    losses = (mha(x, x, x, need_weights=False)[0] ** 2).sum((1, 2))
+    params = list(mha.parameters()) + [p for p in old if all(p is not q for q in mha.parameters())]
+    assert_matches_jacobian(engine.compute(losses, params, retain_graph=True), losses, params)
+    assert engine._records == []
+    engine.remove()
