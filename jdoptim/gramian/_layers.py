@@ -98,8 +98,16 @@ class PerSample:
 
     def exponent_inputs(self) -> list[Tensor]:
         """The tensors whose largest entries :meth:`exponent` reads (:func:`factor_exponents`
-        reads those of all factors at once): the gradients without a bound."""
-        return [J for i, J in self.grads.items() if i not in self.bounds]
+        reads those of all factors at once): the gradients without a bound, small ones side by
+        side in one tensor (one pair of reductions instead of one per gradient: only their
+        largest entry counts; e.g. the norms' affine gradients)."""
+        exact = [J for i, J in self.grads.items() if i not in self.bounds]
+        if torch.compiler.is_compiling():  # fused there anyway (and Inductor 2.13 mis-strides
+            return exact  # a concatenation of the generic rule's gradients)
+        small = [J for J in exact if J.numel() <= JOIN_NUMEL]
+        if len(small) < 2 or len({(J.dtype, J.device) for J in small}) != 1:
+            return exact
+        return [J for J in exact if J.numel() > JOIN_NUMEL] + [torch.cat(small, dim=-1)]
 
     def exponent_of(self, es: list[Tensor]) -> Tensor | None:
         """:meth:`exponent` from the exponents ``es`` of :meth:`exponent_inputs`."""
@@ -121,6 +129,11 @@ class PerSample:
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
         row = w.reshape(1, -1)  # one product each (einsum costs more to dispatch)
         return {i: (row @ J.reshape(row.shape[1], -1)).reshape(-1) for i, J in self.grads.items()}
+
+
+JOIN_NUMEL = 2**14
+"""Stored per-sample gradients of at most this many numbers are read side by side for their
+exponent bound (:meth:`PerSample.exponent_inputs`)."""
 
 
 def _gram_sum(*Js: Tensor) -> Tensor:

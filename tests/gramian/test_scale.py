@@ -220,3 +220,21 @@ def test_float64_gradients_beyond_float32_range_are_scaled() -> None:
     factor = float(Fraction(1e250) ** 2 / 2**e)  # exact, then rounded once
     torch.testing.assert_close(big.gramian, small.gramian * factor, rtol=1e-12, atol=0)
     engine.remove()
+
+
+def test_stored_gradients_bound_read_side_by_side() -> None:
+    """Small stored per-sample gradients are read side by side for their bound: the largest
+    exponent among them, whichever holds it (and with a large one and a bounded one)."""
+    from jdoptim.gramian._layers import JOIN_NUMEL, PerSample
+    from jdoptim.gramian._scale import exponent
+
+    grads = {i: torch.randn(3, 2, 4 + i) * 2.0 ** (10 * i - 20) for i in range(4)}
+    grads[4] = torch.randn(3, 2, JOIN_NUMEL)  # large: read on its own
+    for top in range(5):
+        gs = dict(grads)
+        gs[top] = gs[top] * 2.0**60
+        f = PerSample(gs)
+        assert len(f.exponent_inputs()) == 2
+        assert int(f.exponent()) == max(int(exponent(J)) for J in gs.values())
+    f.add({5: torch.ones(3, 2, 1)}, torch.tensor(200, dtype=torch.int32))
+    assert int(f.exponent()) == 200
