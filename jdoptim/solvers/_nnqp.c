@@ -261,8 +261,21 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
                 lam[a] = c[act[a]] + w[act[a]];
         }
         /* Every bound of negative multiplier (below -tol) is freed at once: the face
-         * minimiser then has a lower objective, and the step towards it is a descent step. */
-        if (!active_side) {
+         * minimiser then has a lower objective, and the step towards it is a descent step.
+         * The free side's factor grows by their rows; from the active side they leave the
+         * factor of H_AA by rank-one updates (as above), unless refactoring is cheaper. */
+        int leaving = 0;
+        long drop_cost = 0;
+        for (int a = na - 1; a >= 0; a--) {
+            if (lam[a] < -tol) {
+                drop_cost += 2L * (na - leaving - a) * (na - leaving);
+                leaving++;
+            }
+        }
+        if (leaving == 0)
+            return steps;
+        const long rest = na - leaving;
+        if (!active_side || 6 * drop_cost > rest * rest * rest) {
             const int n0 = n;
             int kept = 0;
             for (int a = 0; a < na; a++) {
@@ -272,40 +285,14 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
                     act[kept++] = act[a];
             }
             na = kept;
-            if (n == n0)
-                return steps;
-            if (extend(m, G, free, n0, n, L, rd) != 0)
+            if (active_side ? extend(m, H, act, 0, na, L, rd)
+                            : extend(m, G, free, n0, n, L, rd))
                 return -1;
         } else {
-            /* From the active side, the freed bounds leave the factor of H_AA (as above). */
-            int leaving = 0;
-            long drop_cost = 0;
             for (int a = na - 1; a >= 0; a--) {
                 if (lam[a] < -tol) {
-                    drop_cost += 2L * (na - leaving - a) * (na - leaving);
-                    leaving++;
-                }
-            }
-            if (leaving == 0)
-                return steps;
-            const long rest = na - leaving;
-            if (6 * drop_cost > rest * rest * rest) {
-                int kept = 0;
-                for (int a = 0; a < na; a++) {
-                    if (lam[a] < -tol)
-                        free[n++] = act[a];
-                    else
-                        act[kept++] = act[a];
-                }
-                na = kept;
-                if (extend(m, H, act, 0, na, L, rd) != 0)
-                    return -1;
-            } else {
-                for (int a = na - 1; a >= 0; a--) {
-                    if (lam[a] < -tol) {
-                        free[n++] = act[a];
-                        drop(m, L, rd, act, na--, a, w);
-                    }
+                    free[n++] = act[a];
+                    drop(m, L, rd, act, na--, a, w);
                 }
             }
         }

@@ -170,3 +170,55 @@ def test_unwritable_cache_falls_back_to_a_private_temporary_directory(
     private.chmod(0o777)  # now shared: not trusted
     with pytest.raises(PermissionError):
         native._build()
+
+
+def _per_sample_jacobian(m: int, seed: int) -> torch.Tensor:
+    """Per-sample gradients of a small classifier's cross-entropy (the W2 kind: few active
+    bounds in the Newton guess)."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    with torch.no_grad():  # torch's default scale (uniform in +-1/sqrt(fan_in)), zero biases
+        for p in model.parameters():
+            bound = p.shape[-1] ** -0.5 if p.ndim == 2 else 0.0
+            p.copy_((2 * torch.rand(p.shape, generator=g) - 1) * bound)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(m, 8, generator=g), torch.randint(0, 10, (m,), generator=g)
+
+    def loss(p, xi, yi):
+        out = torch.func.functional_call(model, p, (xi[None],))
+        return torch.nn.functional.cross_entropy(out, yi[None])
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([v.reshape(m, -1) for v in grads.values()], 1).double()
+
+
+@needs_native
+def test_per_sample_gramians_above_native_max_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between NATIVE_MAX_M and NATIVE_ACTIVE_MAX_M, per-sample Gramians (guessed active sets
+    of at most m / NATIVE_ACTIVE_FRACTION bounds) take the native method from the active side:
+    KKT on every row, and quadprog's weights on some."""
+    m = 200
+    assert dual_cone.NATIVE_MAX_M < m <= dual_cone.NATIVE_ACTIVE_MAX_M
+    J = _per_sample_jacobian(m, seed=4)
+    G = J @ J.T
+    U = torch.eye(m, dtype=F64) / m
+    guessed = initial_active(_g_hat(J), U, None).sum(-1)
+    assert int(guessed.max()) <= m // dual_cone.NATIVE_ACTIVE_FRACTION  # the routing's premise
+    calls = []
+    solve = native.solve
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(native, "solve", spy)
+    W = project_weights(U, G)
+    assert calls
+    G_hat = _g_hat(J)
+    lam = W @ G_hat
+    assert bool((W >= U).all())
+    assert bool((lam >= -1e-12 / m).all())
+    assert bool(((lam * (W - U)).abs() <= 1e-12 / m**2).all())
+    rows = [0, 77, 123, 199]
+    ref = project_weights(U[rows], G, solver="quadprog")
+    torch.testing.assert_close(W[rows], ref, rtol=0, atol=1e-9 * float(ref.abs().max()))
