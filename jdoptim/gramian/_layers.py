@@ -105,7 +105,7 @@ class PerSample:
         if torch.compiler.is_compiling():  # fused there anyway (and Inductor 2.13 mis-strides
             return exact  # a concatenation of the generic rule's gradients)
         small = [J for J in exact if J.numel() <= JOIN_NUMEL]
-        if len(small) < 2 or len({(J.dtype, J.device) for J in small}) != 1:
+        if len(small) < 2 or len({(J.dtype, J.device, J.shape[:-1]) for J in small}) != 1:
             return exact
         return [J for J in exact if J.numel() > JOIN_NUMEL] + [torch.cat(small, dim=-1)]
 
