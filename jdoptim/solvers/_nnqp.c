@@ -98,6 +98,24 @@ static void drop(int m, double *L, double *r, int *idx, int n, int p, double *xs
     }
 }
 
+/* Work of drop() at position p of n (shifting and updating the rows below p). */
+static long drop_work(int n, int p)
+{
+    return 2L * (n - p) * n;
+}
+
+/* Refactoring the `rest` indices that stay (about rest^3 / 6) costs less than the drops. */
+static int refactor_cheaper(long drop_cost, long rest)
+{
+    return 6 * drop_cost > rest * rest * rest;
+}
+
+/* A free index leaves at a blocking step: the blocking one, and ties at their bound. */
+static int leaves(int i, int block, double zi, double si)
+{
+    return i == block || (zi < 0.0 && si <= 0.0);
+}
+
 /* x <- (L L^T)^{-1} x, for the n x n factor L (leading dimension m). */
 static void chol_solve(int m, const double *L, const double *r, int n, double *x)
 {
@@ -213,23 +231,19 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             /* Every free index at its bound leaves (the blocking one, and ties). From the
              * free side, each leaves the factor of G_FF by a rank-one update, last position
              * first (earlier positions stay put), unless refactoring is cheaper. */
-            int leaving = 0, left = 0;
+            int leaving = 0;
             long drop_cost = 0;
             for (int i = n - 1; i >= 0; i--) {
-                if (i == block || (z[i] < 0.0 && s[free[i]] <= 0.0)) {
-                    drop_cost += 2L * (n - left - i) * (n - left);
-                    leaving++;
-                    left++;
-                }
+                if (leaves(i, block, z[i], s[free[i]]))
+                    drop_cost += drop_work(n - leaving++, i);
             }
-            const long rest = n - leaving;
-            const int refactor = !active_side && 6 * drop_cost > rest * rest * rest;
+            const int refactor = !active_side && refactor_cheaper(drop_cost, n - leaving);
             if (active_side || refactor) {
                 const int na0 = na;
                 int kept = 0;
                 for (int i = 0; i < n; i++) {
                     int fi = free[i];
-                    if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
+                    if (leaves(i, block, z[i], s[fi])) {
                         s[fi] = 0.0;
                         act[na++] = fi;
                     } else {
@@ -243,7 +257,7 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
             } else {
                 for (int i = n - 1; i >= 0; i--) {
                     int fi = free[i];
-                    if (i == block || (z[i] < 0.0 && s[fi] <= 0.0)) {
+                    if (leaves(i, block, z[i], s[fi])) {
                         s[fi] = 0.0;
                         act[na++] = fi;
                         drop(m, L, rd, free, n--, i, w);
@@ -267,15 +281,12 @@ static int solve_row(int m, const double *G, const double *H, const double *u, c
         int leaving = 0;
         long drop_cost = 0;
         for (int a = na - 1; a >= 0; a--) {
-            if (lam[a] < -tol) {
-                drop_cost += 2L * (na - leaving - a) * (na - leaving);
-                leaving++;
-            }
+            if (lam[a] < -tol)
+                drop_cost += drop_work(na - leaving++, a);
         }
         if (leaving == 0)
             return steps;
-        const long rest = na - leaving;
-        if (!active_side || 6 * drop_cost > rest * rest * rest) {
+        if (!active_side || refactor_cheaper(drop_cost, na - leaving)) {
             const int n0 = n;
             int kept = 0;
             for (int a = 0; a < na; a++) {
