@@ -905,10 +905,15 @@ def exact_call(module: nn.Module, cls: type, params: dict[str, object], hook: ob
     the engine records, unless it is marked ``_jdoptim_passive`` (the engines' own hooks that
     return nothing).
     """
-    pre = [h for h in module._forward_pre_hooks.values() if not _fsdp2_hook(h)]
-    if type(module) is not cls or pre or _global_pre_hooks():
+    if type(module) is not cls:
         return False
-    if any(not getattr(h, "_jdoptim_passive", False) for h in _global_hooks().values()):
+    own_pre = module._forward_pre_hooks
+    if own_pre and any(not _fsdp2_hook(h) for h in own_pre.values()):
+        return False
+    if _global_pre_hooks():
+        return False
+    glob = _global_hooks()
+    if glob and any(not getattr(h, "_jdoptim_passive", False) for h in glob.values()):
         return False
     for h in module._forward_hooks.values():
         if h is hook:
@@ -918,10 +923,13 @@ def exact_call(module: nn.Module, cls: type, params: dict[str, object], hook: ob
     current = module._parameters
     if len(current) != len(params):
         return False
-    if any(_fsdp2_hook(h) for h in module._forward_pre_hooks.values()):
+    if own_pre:  # only FSDP2's (above)
         # FSDP2 (fully_shard) swaps in the unsharded parameters for the call: same names.
         return all(k in current for k in params)
-    return all(current.get(k) is v for k, v in params.items())
+    for k, v in params.items():  # a loop: cheaper than all() over a generator (every call)
+        if current.get(k) is not v:
+            return False
+    return True
 
 
 def _fsdp2_hook(hook: object) -> bool:

@@ -86,7 +86,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._base import GramianEngine, GramianResult
 from ._global import gather_batch
-from ._graph import graph_visible, input_node, used_outside
+from ._graph import graph_visible, used_outside
 from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
 from ._layers import (
@@ -126,6 +126,8 @@ class _Info:
         self.cls = type(module)
         self.params = dict(module._parameters)
         self.hook: object = None
+        # Only a BatchNorm can mix samples (mixes_samples): the others skip that test per call.
+        self.can_mix = isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
 class _Record:
@@ -402,10 +404,12 @@ class LayerwiseGramianEngine(GramianEngine):
 
     def _record_call(self, info: _Info, module: nn.Module, args: tuple, output: object) -> object:
         """The forward hook of a layer claimed by a layer rule (see :meth:`_make_hook`)."""
-        if not torch.is_grad_enabled() or self._replaying:
+        if self._replaying or not torch.is_grad_enabled():
             return None
-        self._note_eager()
-        if mixes_samples(module):
+        eager = not torch.compiler.is_compiling()  # read once (called for every hooked call)
+        if eager:
+            self._eager_calls = True  # see _note_eager
+        if info.can_mix and mixes_samples(module):
             self._records.append(info)
             return None
         if info.rule is GENERIC or not isinstance(output, Tensor):
@@ -416,8 +420,12 @@ class LayerwiseGramianEngine(GramianEngine):
             self._records.append(_Inexact(info))
             return None
         saved = info.rule.save(module, args, output)
-        version = -1 if torch.compiler.is_compiling() else output._version
-        self._records.append(_Record(info, saved, output, version, input_node(args)))
+        if eager:  # the in-place check's version and the input's node (see _graph.input_node)
+            x = args[0] if args else None
+            stop = x.grad_fn if isinstance(x, Tensor) else None
+            self._records.append(_Record(info, saved, output, output._version, stop))
+        else:
+            self._records.append(_Record(info, saved, output, -1, None))
         return output.clone() if self.clone_outputs else None
 
     def _hook_module(
@@ -452,10 +460,16 @@ class LayerwiseGramianEngine(GramianEngine):
         output: object,
     ) -> None:
         """The forward hook of a module claimed by a module rule (see :meth:`_hook_module`)."""
-        if not torch.is_grad_enabled() or self._replaying:
+        if self._replaying or not torch.is_grad_enabled():
             return None
-        self._note_eager()
-        same = all(_parameter_at(module, path[:-1]) is path[-1] for path in claimed)
+        eager = not torch.compiler.is_compiling()  # read once (called for every hooked call)
+        if eager:
+            self._eager_calls = True  # see _note_eager
+        same = True
+        for path in claimed:  # a loop: cheaper than all() over a generator (every call)
+            if _parameter_at(module, path[:-1]) is not path[-1]:
+                same = False
+                break
         saved = None
         ok = info.name not in self._vmap_failed
         if ok and same and exact_call(module, info.cls, info.params, info.hook):
@@ -465,7 +479,6 @@ class LayerwiseGramianEngine(GramianEngine):
             return None
         if not any(o.requires_grad for o in saved.outputs):
             return None
-        eager = not torch.compiler.is_compiling()
         versions = [t._version for t in (*saved.outputs, *saved.inputs)] if eager else []
         stops = {t.grad_fn for t in saved.inputs if eager and t.grad_fn is not None}
         self._records.append(_ModuleRecord(info, saved, versions, stops))
