@@ -176,6 +176,23 @@ def _weight_grads(D: Tensor, A: Tensor) -> Tensor:
     return J.reshape(B, K, -1) if G == 1 else J.permute(1, 2, 0, 3).reshape(B, K, -1)
 
 
+def _gram_rows(D: Tensor, A: Tensor) -> Tensor:
+    r"""The per-sample weight gradients of :func:`_weight_grads` as ``[B K, G d p]`` rows, each
+    row's entries in an order of their own (transposed blocks :math:`A_{gbt}^\top`-first):
+    fit only for products of rows with rows (the Gramian :math:`J J^\top` does not depend on
+    the order of the columns). For one loss per sample, ``A`` is read transposed and ``D`` as
+    it is (no copy of ``D`` transposed, as :func:`_weight_grads` makes): 20-30% faster to form
+    on W4's layers."""
+    G, B, K, T, p = D.shape
+    if K != 1:
+        return _weight_grads(D, A).reshape(B * K, -1)
+    d = A.shape[-1]
+    J = torch.bmm(A.reshape(G * B, T, d).transpose(1, 2), D.reshape(G * B, T, p))
+    if G == 1:
+        return J.reshape(B, d * p)
+    return J.reshape(G, B, d * p).transpose(0, 1).reshape(B, -1)
+
+
 def _bias_grads(D: Tensor) -> Tensor:
     r"""Per-sample bias gradients ``[B, K, G p]``: :math:`\sum_t D_{gbkt}`."""
     B, K = D.shape[1], D.shape[2]
@@ -372,7 +389,6 @@ class FormedLinearFactor(LinearFactor):
 
     def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
         """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
-        BK = dims.B * dims.K
         # Eager CPU with shift 0: nothing to scale.
         A, D, c = self._scaled(None if known_zero(shift) else shift)
         if self.bias is not None:
@@ -385,7 +401,7 @@ class FormedLinearFactor(LinearFactor):
             # A zero input column (zero gradients, the same Gramian): rows of a multiple of
             # ALIGNED_ROWS numbers make J J^T about 30% slower on CPU (cache-set conflicts).
             A = torch.cat([A, A.new_zeros(*A.shape[:-1], 1)], dim=-1)
-        J = _weight_grads(D, A).reshape(BK, -1)
+        J = _gram_rows(D, A)  # rows in their own column order: only J J^T is formed
         G = J @ J.mT
         return G.reshape(dims.B, dims.K, dims.B, dims.K)
 
