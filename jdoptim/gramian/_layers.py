@@ -335,25 +335,25 @@ class LinearFactor:
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
         G, B, T, d = self.A.shape
         K, p = self.D.shape[2], self.D.shape[-1]
-        if K == 1 and G == 1 and d < p:
-            # The weights on the narrower factor (A here: one pass over B T d numbers instead
-            # of B T p); the bias then from the per-sample sums of D.
-            A2 = (self.A.reshape(B, T, d) * w.reshape(B, 1, 1)).reshape(B * T, d)
-            D3 = self.D.reshape(B, T, p)
-            out = {self.weight: torch.mm(D3.reshape(B * T, p).t(), A2).reshape(-1)}
+        if K == 1 and G == 1:  # one group (Linear), one loss per sample: 2-D products
+            if d < p:
+                # The weights on the narrower factor (A here: one pass over B T d numbers
+                # instead of B T p); the bias then from the per-sample sums of D.
+                A2 = (self.A * w.reshape(1, B, 1, 1)).reshape(B * T, d)
+                out = {self.weight: torch.mm(self.D.reshape(B * T, p).t(), A2).reshape(-1)}
+                if self.bias is not None:
+                    Ds = self.D.reshape(B, T, p).sum(1)
+                    out[self.bias] = torch.mv(Ds.t(), w.reshape(B))
+                return out
+            D2 = (self.D * w.reshape(1, B, 1, 1, 1)).reshape(B * T, p)
+            out = {self.weight: torch.mm(D2.t(), self.A.reshape(B * T, d)).reshape(-1)}
             if self.bias is not None:
-                out[self.bias] = torch.mv(D3.sum(1).t(), w.reshape(B))
+                out[self.bias] = D2.sum(0)
             return out
         if K == 1:  # a product by the weights (einsum costs more to dispatch)
             Dw = (self.D.squeeze(2) * w.reshape(1, B, 1, 1)).reshape(G, B * T, p)
         else:
             Dw = torch.einsum("bk,gbktp->gbtp", w, self.D).reshape(G, B * T, p)
-        if G == 1:  # one group (Linear): 2-D products, no batched matmul to dispatch
-            D2 = Dw.reshape(B * T, p)
-            out = {self.weight: torch.mm(D2.t(), self.A.reshape(B * T, d)).reshape(-1)}
-            if self.bias is not None:
-                out[self.bias] = D2.sum(0)
-            return out
         out = {self.weight: (Dw.mT @ self.A.reshape(G, B * T, d)).reshape(-1)}
         if self.bias is not None:
             out[self.bias] = Dw.sum(1).reshape(-1)

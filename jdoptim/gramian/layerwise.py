@@ -107,7 +107,7 @@ from ._layers import (
 )
 from ._modules import ModuleRule, Saved, module_rule_for
 from ._permodule import VmapRule, check_tolerance, host_readable
-from ._scale import gram_shift
+from ._scale import gram_shift, known_zero
 
 if TYPE_CHECKING:
     from torch.autograd.graph import GradientEdge
@@ -1022,7 +1022,9 @@ def scaled_gram(
     """``[B, K, B, K]`` Gramian of the factors' gradients scaled by ``2**-shift``, and the
     shift (``0`` unless the gradients are huge or tiny: see :mod:`jdoptim.gramian._scale`)."""
     shift = gram_shift(factor_exponents(factors), dtype, device)
-    grams = [g for g in (f.gram(dims, shift) for f in factors) if g is not None]
+    # A shift known to be 0 (eager CPU) is read once here, not by every factor: None (no scaling).
+    s = None if known_zero(shift) else shift
+    grams = [g for g in (f.gram(dims, s) for f in factors) if g is not None]
     if not grams:
         return torch.zeros(dims.B, dims.K, dims.B, dims.K, dtype=dtype, device=device), shift
     # One stack and one sum (not one addition per factor).
