@@ -558,13 +558,7 @@ class EmbeddingFactor:
         return ghost, mat
 
     def materialize(self) -> dict[int, Tensor]:
-        B, K, T, p = self.D.shape
-        # Row (b K + k) V + i of the [B K V, p] gradients gathers D[b, k, t] for i = idx[b, t]:
-        # one index_add_ into zeros (a scatter_add along V costs a copy and index expansion).
-        base = torch.arange(B * K, device=self.idx.device).reshape(B, K, 1) * self.V
-        rows = (base + self.idx[:, None, :]).reshape(-1)
-        J = self.D.new_zeros(B * K * self.V, p).index_add_(0, rows, self.D.reshape(-1, p))
-        return {self.weight: J.reshape(B, K, -1)}
+        return {self.weight: _embedding_grads(self.idx, self.D, self.V)}
 
     def exponent(self) -> Tensor:
         """Bound on the per-sample gradients (up to the factor ``T``)."""
@@ -590,12 +584,46 @@ class EmbeddingFactor:
 
     def weighted(self, w: Tensor) -> dict[int, Tensor]:
         B, K, T, p = self.D.shape
-        Dw = torch.einsum("bk,bktp->btp", w, self.D).reshape(B * T, p)
-        out = self.D.new_zeros(self.V, p).index_add(0, self.idx.reshape(-1), Dw)
+        if K == 1:  # a product by the weights (einsum costs more to dispatch)
+            Dw = (self.D * w.reshape(B, 1, 1, 1)).reshape(B * T, p)
+        else:
+            Dw = torch.einsum("bk,bktp->btp", w, self.D).reshape(B * T, p)
+        out = self.D.new_zeros(self.V, p).index_add_(0, self.idx.reshape(-1), Dw)
         return {self.weight: out.reshape(-1)}
 
 
-Factor = LinearFactor | EmbeddingFactor | PerSample  # FormedLinearFactor, ConvFactor: linear
+def _embedding_grads(idx: Tensor, D: Tensor, V: int) -> Tensor:
+    """Per-sample gradients ``[B, K, V p]`` of an embedding weight (``idx`` ``[B, T]``, ``D``
+    ``[B, K, T, p]``)."""
+    B, K, T, p = D.shape
+    # Row (b K + k) V + i of the [B K V, p] gradients gathers D[b, k, t] for i = idx[b, t]:
+    # one index_add_ into zeros (a scatter_add along V costs a copy and index expansion).
+    base = torch.arange(B * K, device=idx.device).reshape(B, K, 1) * V
+    rows = (base + idx[:, None, :]).reshape(-1)
+    J = D.new_zeros(B * K * V, p).index_add_(0, rows, D.reshape(-1, p))
+    return J.reshape(B, K, -1)
+
+
+class FormedEmbeddingFactor(EmbeddingFactor):
+    r"""An :class:`EmbeddingFactor` whose Gramian block is formed from its per-sample gradients
+    (``B K`` rows of ``V p`` numbers, mostly zeros) and dropped at once, as for
+    :class:`FormedLinearFactor`: the weighted gradient comes from ``idx`` and ``D``
+    (:meth:`EmbeddingFactor.weighted`, ``B K T p`` numbers, not the ``B K V p`` stored
+    gradients), and no per-sample gradient outlives its block. Scaling by ``2**-shift`` is
+    applied to ``D`` before the gradients are formed (exact: a power of 2)."""
+
+    @staticmethod
+    def of(f: EmbeddingFactor) -> FormedEmbeddingFactor:
+        return FormedEmbeddingFactor(f.weight, f.idx, f.D, f.V)
+
+    def gram(self, dims: Dims, shift: Tensor | None = None) -> Tensor:
+        """The per-sample Gramian of the gradients scaled by ``2**-shift``."""
+        D = self.D if known_zero(shift) else self.D * pow2(-shift, self.D.dtype)
+        J = _embedding_grads(self.idx, D, self.V).reshape(dims.B * dims.K, -1)
+        return torch.mm(J, J.t()).reshape(dims.B, dims.K, dims.B, dims.K)
+
+
+Factor = LinearFactor | EmbeddingFactor | PerSample  # Formed*, ConvFactor: their subclasses
 
 
 def factor_exponents(factors: list[Factor]) -> list[Tensor]:

@@ -95,6 +95,7 @@ from ._layers import (
     Dims,
     EmbeddingFactor,
     Factor,
+    FormedEmbeddingFactor,
     FormedLinearFactor,
     LinearFactor,
     PerSample,
@@ -1071,6 +1072,10 @@ def prepare_factors(factors: list[Factor], pool: PerSample, strategy: Strategy) 
             out.append(merged)
         elif isinstance(merged, LinearFactor) and formed_cheaper(merged):
             out.append(FormedLinearFactor.of(merged))  # per-sample gradients dropped after use
+        elif isinstance(merged, EmbeddingFactor):
+            # Formed per block and dropped too: its weighted gradient from the indices and
+            # output gradients reads B K T p numbers, not the B K V p stored gradients.
+            out.append(FormedEmbeddingFactor.of(merged))
         else:
             pool.add(merged.materialize(), merged.exponent())
     if pool.grads:

@@ -256,6 +256,36 @@ def test_formed_factor_equals_stored_and_ghost(shift: int | None) -> None:
     assert not formed_cheaper(conv)
 
 
+@pytest.mark.usefixtures("float64_default")
+@pytest.mark.parametrize("shift", [None, 0, 7, -5])
+def test_formed_embedding_factor_equals_stored_and_ghost(shift: int | None) -> None:
+    """An embedding factor whose per-sample gradients are formed per block and dropped gives
+    the ghost's and the stored gradients' Gramian (scaled by 2^-shift) and the same weighted
+    gradient; prepare_factors picks it where the materialised route is cheaper."""
+    from jdoptim.gramian._layers import Dims, EmbeddingFactor, FormedEmbeddingFactor, PerSample
+    from jdoptim.gramian.layerwise import prepare_factors
+
+    idx = torch.tensor([[0, 3, 3, 1], [2, 2, 0, 4], [4, 1, 1, 1]])
+    f = EmbeddingFactor(0, idx, torch.randn(3, 2, 4, 5) * 8, 6)
+    dims = Dims(B=3, K=2, batch_dim=0)
+    s = None if shift is None else torch.tensor(shift, dtype=torch.int32)
+    formed = FormedEmbeddingFactor.of(f)
+    G = formed.gram(dims, s)
+    torch.testing.assert_close(G, f.gram(dims, s), rtol=1e-12, atol=0)
+    torch.testing.assert_close(G, PerSample(f.materialize()).gram(dims, s), rtol=1e-12, atol=0)
+    if shift:
+        torch.testing.assert_close(G * 4.0**shift, formed.gram(dims, None), rtol=1e-12, atol=0)
+    for K in (2, 1):
+        g = EmbeddingFactor(0, idx, f.D[:, :K], 6)
+        w = torch.randn(3, K)
+        stored = PerSample(g.materialize()).weighted(w)
+        torch.testing.assert_close(g.weighted(w)[0], stored[0], rtol=1e-12, atol=1e-12)
+    ghost, mat = f.costs()
+    assert mat < ghost
+    (picked,) = prepare_factors([f], PerSample({}), "auto")
+    assert isinstance(picked, FormedEmbeddingFactor)
+
+
 def test_backward_accumulates_like_autograd() -> None:
     torch.manual_seed(4)
     model = seq_model()
