@@ -805,11 +805,12 @@ class AffineNormRule(Rule):
 
     def save(self, module, args, output):
         x = args[0].detach()
+        if isinstance(module, nn.LayerNorm):
+            lazy = _layer_norm_from_graph(module, x, output)  # computes nothing now
+            if lazy is not None:
+                return lazy
         with torch.no_grad():
             if isinstance(module, nn.LayerNorm):
-                xh = _layer_norm_from_graph(module, x, output)
-                if xh is not None:
-                    return xh
                 return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
             if isinstance(module, _RMSNorm):
                 return F.rms_norm(x, module.normalized_shape, None, module.eps)
@@ -839,6 +840,8 @@ class AffineNormRule(Rule):
     def factors(self, module, pidx, saved, D, dims, want):
         B, K = dims.B, dims.K
         w, b = _wanted(pidx, "weight", want), _wanted(pidx, "bias", want)
+        if isinstance(saved, NormalizedInput):
+            saved = saved.form()
         if self._channelwise(module):
             C = saved.shape[1]
             xh = as_dtype(saved.reshape(B, 1, C, -1), D.dtype)
@@ -855,12 +858,14 @@ class AffineNormRule(Rule):
         return [PerSample(grads)] if grads else []
 
 
-def _layer_norm_from_graph(module: nn.LayerNorm, x: Tensor, output: Tensor) -> Tensor | None:
+def _layer_norm_from_graph(
+    module: nn.LayerNorm, x: Tensor, output: Tensor
+) -> NormalizedInput | None:
     r""":math:`\hat x = (x - \mu)\, r` of an eager ``nn.LayerNorm`` call from the mean
     :math:`\mu` and reciprocal deviation :math:`r` that the call's autograd node saved (two
-    element-wise passes instead of a second layer norm); ``None`` (recompute) unless the
-    output's node is ``F.layer_norm``'s on ``x`` itself, in float32/float64, with no saved-tensor
-    hooks. Reads saved tensors (no copies); eager only."""
+    element-wise passes, formed later, instead of a second layer norm now); ``None``
+    (recompute) unless the output's node is ``F.layer_norm``'s on ``x`` itself, in
+    float32/float64, with no saved-tensor hooks. Reads saved tensors (no copies); eager only."""
     if not graph_visible() or saved_tensor_hooks_active():
         return None
     node = output.grad_fn
@@ -879,7 +884,39 @@ def _layer_norm_from_graph(module: nn.LayerNorm, x: Tensor, output: Tensor) -> T
     stats = (*x.shape[: x.ndim - len(shape)], *(1,) * len(shape))
     if tuple(mean.shape) != stats or tuple(rstd.shape) != stats or mean.dtype != x.dtype:
         return None
-    return (x - mean) * rstd
+    return NormalizedInput(x, mean, rstd)
+
+
+class NormalizedInput:
+    r""":math:`\hat x = (x - \mu)\, r` of an eager ``nn.LayerNorm`` call, kept as the call's
+    input and saved statistics (:func:`_layer_norm_from_graph`) and formed by
+    :meth:`AffineNormRule.factors`, after the engine's backward: the forward pass allocates and
+    computes nothing for it, and the rule's factors reuse memory the backward freed (the same
+    numbers: the two operations run on the same tensors, only later). An ``x`` modified in
+    place meanwhile raises ``ValueError`` (as autograd does for the saved input of a backward
+    it runs)."""
+
+    __slots__ = ("x", "mean", "rstd", "version")
+
+    def __init__(self, x: Tensor, mean: Tensor, rstd: Tensor) -> None:
+        self.x, self.mean, self.rstd = x, mean, rstd
+        self.version = x._version
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.x.ndim
+
+    def form(self) -> Tensor:
+        if self.x._version != self.version:
+            raise ValueError(
+                "The input of an nn.LayerNorm was modified in place after its forward pass; "
+                "the engine needs it as it was (as the LayerNorm's own backward does)."
+            )
+        return (self.x - self.mean) * self.rstd
 
 
 def _instance_ndim(module: nn.Module) -> int:

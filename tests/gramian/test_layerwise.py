@@ -197,6 +197,21 @@ def test_layer_norm_input_from_the_graph(monkeypatch, hooks: bool) -> None:
     assert found == [not hooks]
 
 
+def test_layer_norm_input_modified_in_place_raises() -> None:
+    """The graph path forms LayerNorm's normalised input after the engine's backward: an input
+    changed in place after the forward pass raises (a LayerNorm on the data, whose node that
+    backward does not run, so autograd itself would not notice)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    engine = LayerwiseGramianEngine(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    losses = (model(x) ** 2).sum(1)
+    x.mul_(2)
+    with pytest.raises(ValueError, match="modified in place"):
+        engine.compute(losses, list(model.parameters()))
+    engine.remove()
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     B=st.integers(1, 5),
