@@ -13,6 +13,7 @@ from ..solvers.projectors import DualConeProjector, _BuiltinProjector
 from ._base import GramianWeightedAggregator, Param, Stateful, Weighting
 from ._format import pref_vector_to_str_suffix
 from ._pref import pref_vector_param
+from .constant import ConstantWeighting
 from .mean import MeanWeighting
 
 
@@ -60,6 +61,15 @@ class DualConeWeighting(Weighting, Stateful):
         self.solver = solver
         self.warm_start = warm_start
         self.register_buffer("_previous", torch.empty(0), persistent=False)
+
+    def preferences(self, stat: Tensor) -> Tensor:
+        """The preference weights :math:`p` for ``stat`` (already validated by this call): the
+        built-in ones without a second validation of ``stat``, any other weighting through its
+        ``__call__``."""
+        weighting = self.weighting
+        if type(weighting) in (MeanWeighting, ConstantWeighting):
+            return weighting.forward(stat)
+        return weighting(stat)
 
     def reset(self) -> None:
         """Forget the warm-start solution."""

@@ -41,7 +41,7 @@ class DualProjWeighting(DualConeWeighting):
     """
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        return self.project(self.weighting(stat), stat)
+        return self.project(self.preferences(stat), stat)
 
 
 class DualProj(DualConeAggregator):

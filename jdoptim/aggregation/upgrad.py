@@ -43,7 +43,7 @@ class UPGradWeighting(DualConeWeighting):
     """
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        p = self.weighting(stat)
+        p = self.preferences(stat)
         return self.project(torch.diag(p), stat).sum(0)
 
 

@@ -203,11 +203,7 @@ def _dual_cone_cpu_eager(
     # The operator's body: called directly in eager mode (it saves the operator's dispatch,
     # 0.06-0.3 ms a call), through the operator when compiling (an opaque node in the graph).
     # CPU only: host reads of the certificate are free here (no device to synchronise with).
-    # Inference mode with fresh copies: the compiled MPRGP kernel then sees inputs of the same
-    # kind (dispatch keys) whether the operator runs eagerly or inside a compiled graph.
-    with torch.inference_mode():
-        gramian, lower = gramian.clone(), lower.clone()
-        init = None if init is None else init.clone()
+    with torch.no_grad():
         m = lower.shape[-1]
         start = products = None
         if m <= NATIVE_ACTIVE_MAX_M and native.available():
@@ -215,26 +211,39 @@ def _dual_cone_cpu_eager(
             # their faces from the active side (per-sample Gramians: |A| ~ m/8).
             products = lower @ gramian
             if init is None:  # the rule at v0 = u (initial_active), with the product kept
-                start = ~(products > 0)
+                start = products <= 0
             else:
                 start = ~initial_active(gramian, lower, init)
             if m > NATIVE_MAX_M and m - int(start.sum(-1).amin()) > m // NATIVE_ACTIVE_FRACTION:
                 start = None  # CPU: no sync
-        if start is not None:
-            # The compiled active-set method; the rows it does not finish, or that fail the
-            # certificate, go to the torch solver.
-            x, done = native.solve(gramian, lower, start, products)
-            rest = ~(done & certify(gramian, lower, x, mu, POLISH_RTOL))
-            if bool(rest.any()):
-                again = None if init is None else init[rest]
-                x[rest] = _torch_cpu(gramian, lower[rest], again, mu, kappa)
-        else:
-            x = _torch_cpu(gramian, lower, init, mu, kappa)
-    return x.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+        if start is None:
+            return _torch_cpu(gramian, lower, init, mu, kappa)
+        # The compiled active-set method (a fresh tensor); the rows it does not finish, or that
+        # fail the certificate, go to the torch solver.
+        x, done = native.solve(gramian, lower, start, products)
+        finished = done & certify(gramian, lower, x, mu, POLISH_RTOL)
+        if not bool(finished.all()):
+            rest = ~finished
+            again = None if init is None else init[rest]
+            x[rest] = _torch_cpu(gramian, lower[rest], again, mu, kappa)
+    return x
 
 
 def _torch_cpu(gramian: Tensor, lower: Tensor, init: Tensor | None, mu: float, kappa: float):
-    """The CPU solve in torch operations (called in the operator's inference mode)."""
+    """The torch solver on the CPU (a fresh, normal tensor). Inference mode with fresh copies:
+    the compiled MPRGP kernel then sees inputs of the same kind (dispatch keys) whether the
+    operator runs eagerly or inside a compiled graph."""
+    with torch.inference_mode():
+        gramian, lower = gramian.clone(), lower.clone()
+        init = None if init is None else init.clone()
+        x = _torch_cpu_solve(gramian, lower, init, mu, kappa)
+    return x.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+
+
+def _torch_cpu_solve(
+    gramian: Tensor, lower: Tensor, init: Tensor | None, mu: float, kappa: float
+) -> Tensor:
+    """The CPU solve in torch operations (in inference mode, see :func:`_torch_cpu`)."""
     # Pivoting first while its systems stay small (then it beats MPRGP); MPRGP (rows leave its
     # batch as they converge), the certificate and pivoting for the rows it leaves.
     m = lower.shape[-1]

@@ -176,13 +176,13 @@ def solve(
     if lib is None:
         raise RuntimeError("jdoptim's native solver is not available (see `native.available`).")
     k, m = lower.shape
-    G = gramian.detach().to(torch.float64).contiguous()
-    U = lower.detach().to(torch.float64).contiguous()
+    G = gramian.to(torch.float64).contiguous()  # read through data pointers (no autograd)
+    U = lower.to(torch.float64).contiguous()
     C = (U @ G if products is None else products.to(torch.float64)).contiguous()
     H = None
     if start is not None:
         start = start.to(torch.bool).contiguous()  # one byte per entry, read as unsigned char
-        if 2 * int(start.sum(-1).amax()) > m:  # some rows start with few active bounds
+        if 2 * int(start.sum(-1).max()) > m:  # some rows start with few active bounds
             factor, info = torch.linalg.cholesky_ex(G)
             if int(info) == 0:  # else (not finite, say) every row works from the free side
                 H = torch.cholesky_inverse(factor).contiguous()
