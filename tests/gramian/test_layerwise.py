@@ -212,6 +212,36 @@ def test_layer_norm_input_modified_in_place_raises() -> None:
     engine.remove()
 
 
+def test_outputs_and_norm_inputs_released_before_the_blocks(monkeypatch) -> None:
+    """Eagerly, what the factors do not need is let go before the Gramian's blocks are formed:
+    a layer's output (read only by the backward) and a LayerNorm's input (its per-sample
+    gradients are formed by then)."""
+    import gc
+    import weakref
+
+    from jdoptim.gramian import layerwise
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 2))
+    engine = LayerwiseGramianEngine(model)
+    alive: list[tuple[bool, bool]] = []
+    real = layerwise.scaled_gram
+
+    def spy(*args):
+        norms = [o for o in gc.get_objects() if isinstance(o, _layers.NormalizedInput)]
+        alive.append((h_ref() is not None, bool(norms)))
+        return real(*args)
+
+    monkeypatch.setattr(layerwise, "scaled_gram", spy)
+    h = model[0](torch.randn(5, 4))
+    losses = (model[3](model[2](model[1](h))) ** 2).sum(1)
+    h_ref = weakref.ref(h)
+    del h
+    engine.compute(losses, list(model.parameters()))
+    assert alive == [(False, False)]
+    engine.remove()
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     B=st.integers(1, 5),
