@@ -228,7 +228,7 @@ def test_outputs_and_norm_inputs_released_before_the_blocks(monkeypatch) -> None
     real = layerwise.scaled_gram
 
     def spy(*args):
-        norms = [o for o in gc.get_objects() if isinstance(o, _layers.NormalizedInput)]
+        norms = [o for o in gc.get_objects() if type(o) is _layers.NormalizedInput]
         alive.append((h_ref() is not None, bool(norms)))
         return real(*args)
 
