@@ -55,7 +55,7 @@ from .active_set import (
     try_pivoting,
 )
 from .lanczos import top_pair_estimate
-from .mprgp import mprgp_shrinking, mprgp_solve
+from .mprgp import halfspace_start, mprgp_shrinking, mprgp_solve
 from .normalization import normalize, regularize, trace_threshold
 
 Solver = Literal["torch", "mprgp", "quadprog"]
@@ -268,7 +268,9 @@ def _torch_cpu_solve(
     else:  # no pivoting first: its active-set guess alone costs a product
         x, undone = lower.clone(), torch.ones(lower.shape[0], dtype=torch.bool)
     if bool(undone.any()):
-        rest, start = lower[undone], None if init is None else init[undone]
+        rest = lower[undone]
+        # A cold start from the half-space minimisers (see halfspace_start).
+        start = halfspace_start(gramian, rest) if init is None else init[undone]
         # Expansion steps from estimates of the top of the spectrum (see mprgp_shrinking).
         spectrum = top_pair_estimate(gramian)
         y = mprgp_shrinking(gramian, rest, start, MPRGP_FIRST_TOL, spectrum)

@@ -289,10 +289,68 @@ def test_wrong_spectrum_estimates_still_give_the_exact_solution(monkeypatch) -> 
     U = torch.eye(m, dtype=F64) / m
     q = torch.randn(m, generator=torch.Generator().manual_seed(0), dtype=F64)
     wrong = (torch.tensor(1e3, dtype=F64), torch.tensor(1e-9, dtype=F64), q / q.norm())
-    monkeypatch.setattr(dual_cone, "top_pair_estimate", lambda g: wrong)
-    monkeypatch.setattr(dual_cone, "PIVOT_FIRST_MAX_M", 0)  # MPRGP on every row
+    calls = []
+    monkeypatch.setattr(dual_cone, "top_pair_estimate", lambda g: calls.append(g) or wrong)
+    _mprgp_on_every_row(monkeypatch)
     ref = project_weights(U, G, solver="quadprog")
     assert (project_weights(U, G) - ref).abs().max() <= 1e-9 * ref.abs().max()
+    assert calls  # the estimates were used
+
+
+def _mprgp_on_every_row(monkeypatch) -> None:
+    """Route the CPU operator's rows to MPRGP: neither the native method nor pivoting first."""
+    monkeypatch.setattr(dual_cone, "NATIVE_ACTIVE_MAX_M", 0)
+    monkeypatch.setattr(dual_cone, "PIVOT_FIRST_MAX_M", 0)
+
+
+def _halfspace_minimisers(G_hat: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Reference: argmin 1/2 v^T G_hat v s.t. u^T v >= u^T u, one QP per row (quadprog)."""
+    import numpy as np
+    from qpsolvers import solve_qp
+
+    P = G_hat.numpy()
+    rows = [
+        solve_qp(P, np.zeros(len(u)), -u[None], -np.array([u @ u]), solver="quadprog")
+        for u in U.numpy()
+    ]
+    return torch.tensor(np.array(rows), dtype=F64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_halfspace_start(kind: str) -> None:
+    """``max(u, v_h)`` with ``v_h`` quadprog's half-space minimiser; ``u`` where ``u = 0``."""
+    m = 24
+    G_hat = _g_hat((lambda J: J @ J.T)(make_jacobian(kind, m, seed=7)))
+    g = torch.Generator().manual_seed(3)
+    diagonal = torch.diag(torch.rand(m, generator=g, dtype=F64) + 0.1)  # UPGrad's rows
+    signed = torch.randn(3, m, generator=g, dtype=F64)  # any bounds (DualProj)
+    U = torch.cat([diagonal, signed, torch.zeros(1, m, dtype=F64)])
+    start = mprgp.halfspace_start(G_hat, U)
+    ref = torch.maximum(U[:-1], _halfspace_minimisers(G_hat, U[:-1]))
+    torch.testing.assert_close(start[:-1], ref, rtol=0, atol=1e-9 * float(ref.abs().max()))
+    assert torch.equal(start[-1], U[-1])
+
+
+def test_halfspace_start_of_a_non_positive_definite_gramian_is_the_bounds() -> None:
+    U = torch.eye(3, dtype=F64)
+    for G in (torch.zeros(3, 3, dtype=F64), torch.full((3, 3), float("nan"), dtype=F64)):
+        assert torch.equal(mprgp.halfspace_start(G, U), U)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mprgp_route_from_halfspace_start_is_exact(monkeypatch, kind: str) -> None:
+    """The CPU's MPRGP route (taken beyond the native and pivoting limits) starts from
+    ``halfspace_start`` and ends at quadprog's solution."""
+    calls = []
+    start = mprgp.halfspace_start
+    monkeypatch.setattr(dual_cone, "halfspace_start", lambda G, U: calls.append(U) or start(G, U))
+    _mprgp_on_every_row(monkeypatch)
+    m = 48
+    G = (lambda J: J @ J.T)(make_jacobian(kind, m, seed=8))
+    U = torch.eye(m, dtype=F64) / m
+    ref = project_weights(U, G, solver="quadprog")
+    assert (project_weights(U, G) - ref).abs().max() <= 1e-9 * ref.abs().max()
+    assert len(calls) == 1 and calls[0].shape == (m, m)
 
 
 def test_shrinking_single_row_compiles(monkeypatch) -> None:
