@@ -270,6 +270,20 @@ def test_ghost_or_materialise_rule() -> None:
     assert mat < ghost
 
 
+def _assert_same_gram(formed, factor, dims, shift: int | None) -> None:
+    """``formed``'s Gramian equals the ghost ``factor``'s and its stored gradients' (scaled by
+    ``2^-shift``), and is the unscaled one times ``4^-shift``."""
+    from jdoptim.gramian._layers import PerSample
+
+    s = None if shift is None else torch.tensor(shift, dtype=torch.int32)
+    G = formed.gram(dims, s)
+    torch.testing.assert_close(G, factor.gram(dims, s), rtol=1e-12, atol=0)
+    stored = PerSample(factor.materialize()).gram(dims, s)
+    torch.testing.assert_close(G, stored, rtol=1e-12, atol=0)
+    if shift:
+        torch.testing.assert_close(G * 4.0**shift, formed.gram(dims, None), rtol=1e-12, atol=0)
+
+
 @pytest.mark.usefixtures("float64_default")
 @pytest.mark.parametrize("shift", [None, 0, 7, -5])
 def test_formed_factor_equals_stored_and_ghost(shift: int | None) -> None:
@@ -283,11 +297,7 @@ def test_formed_factor_equals_stored_and_ghost(shift: int | None) -> None:
     dims = Dims(B=3, K=2, batch_dim=0)
     s = None if shift is None else torch.tensor(shift, dtype=torch.int32)
     formed = FormedLinearFactor.of(f)
-    G = formed.gram(dims, s)
-    torch.testing.assert_close(G, f.gram(dims, s), rtol=1e-12, atol=0)
-    torch.testing.assert_close(G, PerSample(f.materialize()).gram(dims, s), rtol=1e-12, atol=0)
-    if shift:
-        torch.testing.assert_close(G * 4.0**shift, formed.gram(dims, None), rtol=1e-12, atol=0)
+    _assert_same_gram(formed, f, dims, shift)
     w = torch.randn(3, 2)
     stored = PerSample(f.materialize()).weighted(w)
     for i, g in formed.weighted(w).items():
@@ -313,13 +323,8 @@ def test_formed_embedding_factor_equals_stored_and_ghost(shift: int | None) -> N
     idx = torch.tensor([[0, 3, 3, 1], [2, 2, 0, 4], [4, 1, 1, 1]])
     f = EmbeddingFactor(0, idx, torch.randn(3, 2, 4, 5) * 8, 6)
     dims = Dims(B=3, K=2, batch_dim=0)
-    s = None if shift is None else torch.tensor(shift, dtype=torch.int32)
     formed = FormedEmbeddingFactor.of(f)
-    G = formed.gram(dims, s)
-    torch.testing.assert_close(G, f.gram(dims, s), rtol=1e-12, atol=0)
-    torch.testing.assert_close(G, PerSample(f.materialize()).gram(dims, s), rtol=1e-12, atol=0)
-    if shift:
-        torch.testing.assert_close(G * 4.0**shift, formed.gram(dims, None), rtol=1e-12, atol=0)
+    _assert_same_gram(formed, f, dims, shift)
     for K in (2, 1):
         g = EmbeddingFactor(0, idx, f.D[:, :K], 6)
         w = torch.randn(3, K)
