@@ -311,10 +311,13 @@ SHRINK_CHUNK = 8
 """Iterations of :func:`mprgp_shrinking` between two removals of the rows done."""
 
 
-DEFLATED_STEP = 0.5
-"""Step of the deflated expansion candidate of :func:`_expansion`, times ``1 / lambda_2``
-(measured on ``aligned_conflict``, m = 1000: 3.9 s per ``UPGradWeighting`` call at 0.5,
-4.1 s at 0.7, 4.2 s at 0.25, 5.1 s at 1, 6.4 s at 1.5; m = 256 flat)."""
+DEFLATED_STEP = 1.0
+"""Step of the deflated expansion candidate of :func:`_expansion`, times ``1 / lambda_2``.
+Measured on ``aligned_conflict`` at m = 1000 (per ``UPGradWeighting`` call): from
+:func:`halfspace_start`, 2.39 s at 0.35, 2.15 s at 0.5, 1.91 s at 0.7, 1.84 s at 1, 1.77 s at
+1.3, 2.05 s at 1.6 (from ``u``, before: 3.9 s at 0.5, 5.1 s at 1); 1 against 0.5: m = 256-400
+7-10% faster, the ``conflict`` and ``conflict_lowdim`` kinds at m = 1000 within 3%, ``rank2``
+7% slower, the test families at m = 400 within noise."""
 
 SHRINKING_TOL_FLOAT32 = 1e-8
 """A row leaves the float32 phase of :func:`mprgp_shrinking` once ``max|g| <= SHRINKING_TOL_FLOAT32
