@@ -86,7 +86,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._base import GramianEngine, GramianResult
 from ._global import gather_batch
-from ._graph import graph_visible, used_outside
+from ._graph import graph_visible, input_node, used_outside
 from ._hooks import EngineHook
 from ._kernels import accumulation_dtype
 from ._layers import (
@@ -409,7 +409,7 @@ class LayerwiseGramianEngine(GramianEngine):
             return None
         eager = not torch.compiler.is_compiling()  # read once (called for every hooked call)
         if eager:
-            self._eager_calls = True  # see _note_eager
+            self._eager_calls = True  # a hook ran eagerly (see compute)
         if info.can_mix and mixes_samples(module):
             self._records.append(info)
             return None
@@ -421,10 +421,8 @@ class LayerwiseGramianEngine(GramianEngine):
             self._records.append(_Inexact(info))
             return None
         saved = info.rule.save(module, args, output)
-        if eager:  # the in-place check's version and the input's node (see _graph.input_node)
-            x = args[0] if args else None
-            stop = x.grad_fn if isinstance(x, Tensor) else None
-            self._records.append(_Record(info, saved, output, output._version, stop))
+        if eager:  # the in-place check's version and the node of the call's first input
+            self._records.append(_Record(info, saved, output, output._version, input_node(args)))
         else:
             self._records.append(_Record(info, saved, output, -1, None))
         return output.clone() if self.clone_outputs else None
@@ -465,7 +463,7 @@ class LayerwiseGramianEngine(GramianEngine):
             return None
         eager = not torch.compiler.is_compiling()  # read once (called for every hooked call)
         if eager:
-            self._eager_calls = True  # see _note_eager
+            self._eager_calls = True  # a hook ran eagerly (see compute)
         same = True
         for path in claimed:  # a loop: cheaper than all() over a generator (every call)
             if _parameter_at(module, path[:-1]) is not path[-1]:
@@ -484,11 +482,6 @@ class LayerwiseGramianEngine(GramianEngine):
         stops = {t.grad_fn for t in saved.inputs if eager and t.grad_fn is not None}
         self._records.append(_ModuleRecord(info, saved, versions, stops))
         return None
-
-    def _note_eager(self) -> None:
-        """Remember that a hook ran outside ``torch.compile`` (see :meth:`compute`)."""
-        if not torch.compiler.is_compiling():
-            self._eager_calls = True
 
     def remove(self) -> None:
         """Remove the hooks and drop whatever they stored (also done when the engine is garbage

@@ -287,11 +287,11 @@ def halfspace_start(gramian: Tensor, lower: Tensor) -> Tensor:
     :math:`u^\top v \ge u^\top u` (for UPGrad's rows :math:`u = p_i e_i`: the solution with
     only the row's own bound active); ``u`` itself where :math:`u^\top \hat G^{-1} u` is not
     positive. One Cholesky factorisation and solve (``m^3/6 + k m^2`` multiply-adds).
-    Measured at m = 1000-1024 (1 thread, per ``UPGradWeighting`` call, start at ``u`` /
-    here): ``aligned_conflict`` 3.9 / 2.5 s, ``lowrank`` 7.7 / 5.8 s, W2's per-sample Gramians
-    (B = 1024) 16.3 / 11.0 s; ``random``, ``rank2``, ``conflict`` and ``conflict_lowdim`` within
-    -10%..+15%. ``gramian`` must be positive definite; where it is not (not finite, say) the
-    start is ``u``.
+    Measured at m = 1000 (1 thread, per ``UPGradWeighting`` call, start at ``u`` / here, both
+    with a float32 phase to ``1e-6``): ``aligned_conflict`` 3.9 / 2.6 s;
+    ``random`` and ``lowrank`` within 5% (the other kinds' rows, and the float32 tolerance of
+    :data:`SHRINKING_TOL_FLOAT32`: ``bench/RESULTS.md`` §7i). ``gramian`` must be positive
+    definite; where it is not (not finite, say) the start is ``u``.
 
     >>> import torch
     >>> G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64)
@@ -303,8 +303,9 @@ def halfspace_start(gramian: Tensor, lower: Tensor) -> Tensor:
         return lower.clone()
     direction = torch.cholesky_solve(lower.mT, factor).mT  # rows G^-1 u
     curvature = (lower * direction).sum(-1, keepdim=True)
-    scale = torch.where(curvature > 0, lower.square().sum(-1, keepdim=True) / curvature, 0.0)
-    return torch.where(curvature > 0, torch.maximum(lower, scale * direction), lower)
+    positive = curvature > 0  # u^T G^-1 u = 0 only for u = 0 (G positive definite)
+    scale = lower.square().sum(-1, keepdim=True) / torch.where(positive, curvature, 1.0)
+    return torch.where(positive, torch.maximum(lower, scale * direction), lower)
 
 
 SHRINK_CHUNK = 8
