@@ -12,6 +12,7 @@ while ``torch.compile`` traces (the compiled graph carries no data-dependent ``r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -66,6 +67,11 @@ def should_check_values(t: Tensor) -> bool:
 def check_matrix(matrix: Tensor, name: str = "matrix") -> None:
     """Raise ``ValueError`` unless ``matrix`` is a 2-D tensor with at least one row and finite
     entries (the latter only where :func:`should_check_values` allows)."""
+    _check_2d(matrix, name)
+    check_finite(matrix, name)
+
+
+def _check_2d(matrix: Tensor, name: str) -> None:
     if not isinstance(matrix, Tensor):
         raise TypeError(f"Parameter `{name}` should be a Tensor. Found `{type(matrix).__name__}`.")
     if matrix.ndim != 2:
@@ -78,7 +84,6 @@ def check_matrix(matrix: Tensor, name: str = "matrix") -> None:
             f"Parameter `{name}` should have at least one row (one objective). Found `{name}.shape"
             f" = {matrix.shape}`."
         )
-    check_finite(matrix, name)
 
 
 def check_finite(t: Tensor, name: str) -> None:
@@ -96,16 +101,21 @@ def check_finite(t: Tensor, name: str) -> None:
 
 def check_gramian(gramian: Tensor, name: str = "gramian") -> None:
     """Raise ``ValueError`` unless ``gramian`` is a non-empty, square, finite, symmetric matrix."""
-    check_matrix(gramian, name)
+    _check_2d(gramian, name)
     if gramian.shape[0] != gramian.shape[1]:
         raise ValueError(
             f"Parameter `{name}` should be a square matrix. Found `{name}.shape = {gramian.shape}`."
         )
     if should_check_values(gramian) and gramian.is_floating_point():
-        scale = gramian.abs().amax()
-        asym = (gramian - gramian.mT).abs().amax()
-        if bool(asym > SYMMETRY_RTOL * scale):
+        # Both checks at once: a non-finite entry G_ij makes G_ij - G_ji non-finite, so a finite
+        # max|G| and max|G - G^T| <= rtol max|G| mean finite and symmetric; otherwise the entries
+        # say which check fails. G - G^T is antisymmetric: its largest entry is its largest |.|.
+        low, high = torch.aminmax(gramian)
+        asym, low, high = (gramian - gramian.mT).amax().item(), low.item(), high.item()
+        scale = max(high, -low)
+        if not (math.isfinite(scale) and asym <= SYMMETRY_RTOL * scale):
+            check_finite(gramian, name)
             raise ValueError(
                 f"Parameter `{name}` should be symmetric. Found max|{name} - {name}^T| = "
-                f"{float(asym):.3g} for max|{name}| = {float(scale):.3g}."
+                f"{asym:.3g} for max|{name}| = {scale:.3g}."
             )

@@ -4,6 +4,7 @@
  * definite (m x m, row-major, shared by all rows). See jdoptim/solvers/native.py for the math,
  * the guarantees and how the result is checked. Plain C99, no dependencies.
  */
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
@@ -22,17 +23,37 @@ static double dot(const double *restrict a, const double *restrict b, int n)
     return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
-/* ||u||_2, scaled by the largest |u_i| so that no square overflows or underflows. */
+/* ||u||_2, computed on u scaled by 2^-e, 2^e <= max|u_i| < 2^(e+1) (exact), so that no square
+ * overflows or underflows; eight partial maxima and sums (independent chains, fixed order). */
 static double norm(const double *u, int m)
 {
-    double top = 0.0, sum = 0.0;
-    for (int i = 0; i < m; i++)
-        top = fabs(u[i]) > top ? fabs(u[i]) : top;
+    double t[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    double p[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int k = 0;
+    for (; k + 8 <= m; k += 8)
+        for (int j = 0; j < 8; j++)
+            t[j] = fabs(u[k + j]) > t[j] ? fabs(u[k + j]) : t[j];  /* NaN entries skipped */
+    for (; k < m; k++)
+        t[0] = fabs(u[k]) > t[0] ? fabs(u[k]) : t[0];
+    double top = 0.0;
+    for (int j = 0; j < 8; j++)
+        top = t[j] > top ? t[j] : top;
     if (!(top > 0.0) || isinf(top))
         return top;
-    for (int i = 0; i < m; i++)
-        sum += (u[i] / top) * (u[i] / top);
-    return top * sqrt(sum);
+    /* 2^-e in two factors: a single one overflows for a subnormal top (e < -1023). */
+    const int e = ilogb(top), half = -e / 2;
+    const double down1 = ldexp(1.0, half), down2 = ldexp(1.0, -e - half);
+    for (k = 0; k + 8 <= m; k += 8)
+        for (int j = 0; j < 8; j++) {
+            const double v = (u[k + j] * down1) * down2;
+            p[j] += v * v;
+        }
+    for (; k < m; k++) {
+        const double v = (u[k] * down1) * down2;
+        p[0] += v * v;
+    }
+    const double sum = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    return ldexp(sqrt(sum), e);
 }
 
 /* y[0..n) += alpha x[0..n). */
@@ -328,5 +349,44 @@ void jdoptim_nnqp(int k, int m, const double *G, const double *H, const double *
                              iwork + m, z, w);
         for (int i = 0; i < m; i++)
             x[i] += u[i];
+    }
+}
+
+/* The certificate of jdoptim.solvers.active_set.certify for k rows x of X (k x m) with bounds
+ * U, given R = X G (computed by the caller): entries within sigma = 1e-3 rtol ||u|| / sqrt(m)
+ * of their bound are snapped onto it (x -> x_s, G x_s = R - G (x - x_s)); e = G x_s, clamped
+ * to min(., 0) at the bounds; ok[r] = 1 when ||x - x_s|| + ||e|| / mu <= rtol ||u||, else 0
+ * (and 0 for a row with a non-finite entry). work: 2m doubles. */
+void jdoptim_certify(int k, int m, const double *G, const double *U, const double *X,
+                     const double *R, double mu, double rtol, unsigned char *ok, double *work)
+{
+    double *gap = work, *e = work + m;
+    const double spread = 1e-3 / sqrt(m > 1 ? (double)m : 1.0);
+    for (int r = 0; r < k; r++) {
+        const size_t o = (size_t)r * m;
+        const double *u = U + o, *x = X + o;
+        const double target = rtol * norm(u, m), sigma = target * spread;
+        /* Branch-free loops (their tests depend on the data). */
+        int bad = 0, snapped = 0;
+        memcpy(e, R + o, sizeof(double) * (size_t)m);
+        for (int j = 0; j < m; j++) {
+            const double g = x[j] - u[j];
+            bad |= !(fabs(g) <= DBL_MAX) | !(fabs(e[j]) <= DBL_MAX);  /* inf or NaN */
+            gap[j] = g <= sigma ? g : 0.0;
+            snapped |= gap[j] != 0.0;
+        }
+        if (bad) {
+            ok[r] = 0;
+            continue;
+        }
+        for (int j = 0; snapped && j < m; j++) {
+            if (gap[j] != 0.0)  /* snapped onto its bound: G x_s = G x - G (x - x_s) */
+                axpy(m, -gap[j], G + (size_t)j * m, e);
+        }
+        for (int j = 0; j < m; j++) {
+            const double clamped = e[j] > 0.0 ? 0.0 : e[j];
+            e[j] = x[j] - u[j] <= sigma ? clamped : e[j];
+        }
+        ok[r] = (snapped ? norm(gap, m) : 0.0) + norm(e, m) / mu <= target;
     }
 }

@@ -323,6 +323,14 @@ def certify(gramian: Tensor, lower: Tensor, x: Tensor, mu: float, rtol: float) -
     ``rtol * ||u||_2``.
     """
     norm = torch.linalg.vector_norm  # not Tensor.norm: its Python wrapper costs a few us a call
+    # Rows scaled by 2^-e, 2^e <= max|u_i| (exact; the bound is linear in u and x; max|x_i| for
+    # u = 0): the norms' squares then neither overflow nor underflow (unscaled, |u| ~ 2^-600
+    # gave a target and a bound of 0, and |u| ~ 2^600 a target of inf: any x passed).
+    top = lower.abs().amax(-1, keepdim=True)
+    top = torch.where(top > 0, top, x.abs().amax(-1, keepdim=True))
+    exponent = torch.frexp(top).exponent.clamp(min=-1000)
+    scale = torch.ldexp(torch.ones_like(lower[:, :1]), 1 - exponent)
+    lower, x = lower * scale, x * scale
     target = rtol * norm(lower, dim=-1)
     sigma = target[:, None] * (1e-3 / math.sqrt(max(1, x.shape[-1])))
     gap = x - lower

@@ -56,7 +56,7 @@ from .active_set import (
 )
 from .lanczos import top_pair_estimate
 from .mprgp import halfspace_start, mprgp_shrinking, mprgp_solve
-from .normalization import normalize, regularize, trace_threshold
+from .normalization import normalized_ridge, trace_threshold
 
 Solver = Literal["torch", "mprgp", "quadprog"]
 SOLVERS: tuple[str, ...] = ("torch", "mprgp", "quadprog")
@@ -221,7 +221,7 @@ def _dual_cone_cpu_eager(
         # The compiled active-set method (a fresh tensor); the rows it does not finish, or that
         # fail the certificate, go to the torch solver.
         x, done = native.solve(gramian, lower, start, products)
-        finished = done & certify(gramian, lower, x, mu, POLISH_RTOL)
+        finished = done & native.certify(gramian, lower, x, mu, POLISH_RTOL)
         if not bool(finished.all()):
             rest = ~finished
             again = None if init is None else init[rest]
@@ -368,7 +368,7 @@ def project_weights(
     """
     check_solver(solver)
     threshold = trace_threshold(G.dtype, norm_eps)
-    g_hat = regularize(normalize(G.to(torch.float64), threshold), reg_eps)
+    g_hat = normalized_ridge(G.to(torch.float64), threshold, reg_eps)
     lower = U.to(dtype=torch.float64, device=G.device)
     shape = lower.shape
     lower = lower.reshape(-1, shape[-1])

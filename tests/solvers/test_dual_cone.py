@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from jdoptim.solvers import active_set, dual_cone, set_eager_compilation
 from jdoptim.solvers._loop import fixed_loop
 from jdoptim.solvers.dual_cone import condition_bound, project_weights
-from jdoptim.solvers.normalization import normalize, regularize
+from jdoptim.solvers.normalization import normalize, normalized_ridge, regularize
 
 from .bank import FAMILIES, make_family, make_jacobian
 
@@ -465,3 +465,29 @@ def test_compiled_pivoting_takes_over_after_the_warm_up_calls(
     W = [project_weights(U, J @ J.T) for _ in range(3)]
     assert len(calls) == 1  # the third call only
     torch.testing.assert_close(W[2], W[0], rtol=0, atol=1e-13)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 12),
+    exponent=st.sampled_from([-1100, -1030, -600, -60, 0, 60, 600]),
+    eps=st.sampled_from([None, 1e-4, 0.0]),
+    zero=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_normalized_ridge_is_normalize_then_regularize_bit_for_bit(
+    m: int, exponent: int, eps: float | None, zero: bool, seed: int
+) -> None:
+    """The CPU path of ``normalized_ridge`` (the trace read once) gives the bits of the sync-free
+    ``regularize(normalize(G, eps), reg_eps)`` on every trace: normal, subnormal, below the
+    threshold, zero; and the sync-free path runs where no data can be read (``meta``)."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(m, m + 1, generator=g, dtype=F64) * (0.0 if zero else 2.0 ** (exponent // 2))
+    G = J @ J.T
+    expected = regularize(normalize(G, eps), REG)
+    got = normalized_ridge(G, eps, REG)
+    # (NaN in both for eps = 0 and a zero trace: 0 / 0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert got.data_ptr() != G.data_ptr()
+    meta = normalized_ridge(G.to("meta"), eps, REG)
+    assert meta.shape == G.shape and meta.dtype == G.dtype

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jdoptim.solvers import dual_cone, native
+from jdoptim.solvers import active_set, dual_cone, native
 from jdoptim.solvers.active_set import initial_active
 from jdoptim.solvers.dual_cone import project_weights
 from jdoptim.solvers.normalization import normalize, regularize
@@ -219,3 +219,36 @@ def test_per_sample_gramians_above_native_max_m(monkeypatch: pytest.MonkeyPatch)
     rows = [0, 77, 123, 199]
     ref = project_weights(U[rows], G, solver="quadprog")
     torch.testing.assert_close(W[rows], ref, rtol=0, atol=1e-9 * float(ref.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scale", [1.0, 2.0**-900, 2.0**1000])
+def test_compiled_certificate_decides_as_the_torch_one(kind: str, scale: float) -> None:
+    """``native.certify`` takes the decisions of ``active_set.certify`` row by row: exact rows
+    pass, rows off by 1e-6 (relative) fail, non-finite rows fail, and the rows in between
+    (1e-14..1e-9) are decided alike, at any scale of the bounds (the torch certificate's norms
+    over- and underflowed at 2^1000 and 2^-900 before its rows were rescaled: it passed such
+    rows)."""
+    m = 33
+    G = _g_hat(make_jacobian(kind, m, seed=5))
+    g = torch.Generator().manual_seed(5)
+    U = torch.cat([torch.eye(m, dtype=F64), torch.randn(3, m, generator=g, dtype=F64)]) * scale
+    U = torch.cat([U, torch.zeros(1, m, dtype=F64)])  # u = 0: the solution is 0
+    x, done = native.solve(G, U)
+    assert bool(done.all())
+    certificates = (active_set.certify, native.certify)
+    for cert in certificates:
+        assert bool(cert(G, U, x, 1e-4, 1e-9).all())
+    wrong = x + 1e-6 * scale * torch.rand(x.shape, generator=g, dtype=F64)
+    wrong[0, 0], wrong[1, 1] = float("nan"), float("inf")
+    for cert in certificates:
+        assert not bool(cert(G, U, wrong, 1e-4, 1e-9).any())
+    decided = torch.zeros(2, dtype=torch.long)  # rows passed and failed across the sizes below
+    for size in (1e-14, 1e-12, 1e-11, 1e-10, 1e-9):
+        noise = torch.randn(x.shape, generator=g, dtype=F64)
+        y = torch.maximum(x + size * scale * noise * (noise > 0.5), U)
+        ok = native.certify(G, U, y, 1e-4, 1e-9)
+        assert torch.equal(ok, active_set.certify(G, U, y, 1e-4, 1e-9))
+        decided += torch.stack([ok.sum(), (~ok).sum()])
+    assert bool((decided > 0).all())  # both outcomes occur: the comparison is not vacuous
