@@ -209,7 +209,7 @@ def _dual_cone_cpu_eager(
         if m <= NATIVE_ACTIVE_MAX_M and native.available():
             # The free sets guessed by a Newton step's rule; rows with few active bounds solve
             # their faces from the active side (per-sample Gramians: |A| ~ m/8).
-            products = lower @ gramian
+            products = _bound_products(lower, gramian)
             if init is None:  # the rule at v0 = u (initial_active), with the product kept
                 start = products <= 0
             else:
@@ -227,6 +227,24 @@ def _dual_cone_cpu_eager(
             again = None if init is None else init[rest]
             x[rest] = _torch_cpu(gramian, lower[rest], again, mu, kappa)
     return x
+
+
+DIAGONAL_PRODUCT_MIN_M = 128
+"""From this ``m`` on, :func:`_bound_products` looks for diagonal bounds (measured at m = 256:
+the product takes 0.45 ms, the test and the scaling 0.04 ms; at m = 64 the product costs less
+than the test)."""
+
+
+def _bound_products(lower: Tensor, gramian: Tensor) -> Tensor:
+    """``lower @ gramian``; for UPGrad's bounds ``diag(p)`` (square, diagonal) as
+    ``p[:, None] * gramian``: the same bits (every other term of the product is an exact zero)
+    for an O(m^2) pass instead of O(m^3)."""
+    k, m = lower.shape
+    if k == m >= DIAGONAL_PRODUCT_MIN_M:
+        p = lower.diagonal()
+        if torch.equal(lower, torch.diag(p)):  # CPU: no sync
+            return p[:, None] * gramian
+    return lower @ gramian
 
 
 def _torch_cpu(gramian: Tensor, lower: Tensor, init: Tensor | None, mu: float, kappa: float):

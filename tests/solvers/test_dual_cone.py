@@ -491,3 +491,21 @@ def test_normalized_ridge_is_normalize_then_regularize_bit_for_bit(
     assert got.data_ptr() != G.data_ptr()
     meta = normalized_ridge(G.to("meta"), eps, REG)
     assert meta.shape == G.shape and meta.dtype == G.dtype
+
+
+@pytest.mark.parametrize("m", [1, 5, 130])
+def test_diagonal_bounds_products_are_the_matrix_products(
+    m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UPGrad's bounds ``diag(p)`` take the O(m^2) product: the bits of ``lower @ G`` (zero,
+    negative and tiny ``p_i`` included); other bounds the matrix product."""
+    monkeypatch.setattr(dual_cone, "DIAGONAL_PRODUCT_MIN_M", 1)
+    g = torch.Generator().manual_seed(m)
+    G = _g_hat(make_jacobian("conflict", m, seed=m) @ make_jacobian("conflict", m, seed=m).T)
+    p = torch.randn(m, generator=g, dtype=F64) * 2.0 ** torch.randint(-60, 60, (m,), generator=g)
+    p[0] = 0.0
+    U = torch.diag(p)
+    assert torch.equal(dual_cone._bound_products(U, G), U @ G)
+    U[-1, 0] += 1.0  # not diagonal (for m = 1: another diagonal)
+    assert torch.equal(dual_cone._bound_products(U, G), U @ G)
+    assert torch.equal(dual_cone._bound_products(U[:1], G), U[:1] @ G)
