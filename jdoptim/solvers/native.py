@@ -25,8 +25,10 @@ pivoting pays for at small ``m`` (about 250 operations of 3-8 us at m = 32).
 (``$CC``, else ``cc``/``gcc``/``clang``) into ``$JDOPTIM_CACHE`` (default ``~/.cache/jdoptim``;
 where that cannot be written, a private ``<tmp>/jdoptim-<uid>``). A row that takes more than
 ``max_steps`` steps (rounding can make a step repeat) or whose factorisation fails is reported;
-the caller checks every other row with :func:`~jdoptim.solvers.active_set.certify` and solves
-the rest with the torch solver. Without a compiler, or with ``JDOPTIM_NATIVE=0``,
+the caller checks every other row with :func:`certify` (the bound of
+:func:`~jdoptim.solvers.active_set.certify`, computed from the result alone: a product in
+torch, the rest in its own C function, not in the method's code path) and solves the rest with
+the torch solver. Without a compiler, or with ``JDOPTIM_NATIVE=0``,
 :func:`available` is false and the torch solver runs alone (same results to rounding).
 
 >>> import torch

@@ -12,9 +12,11 @@ from jdoptim.aggregation import MeanWeighting, UPGradWeighting
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_non_finite_entries_are_refused(bad: float, dtype: torch.dtype) -> None:
-    for i in range(3):  # wherever the entry is
-        G = torch.eye(3, dtype=dtype)
-        G[i, i] = bad
+    for i, j, both in [(0, 0, True), (1, 1, True), (2, 2, True), (0, 2, True), (2, 1, False)]:
+        G = torch.eye(3, dtype=dtype)  # wherever the entry is, in a symmetric pair or not
+        G[i, j] = bad
+        if both:
+            G[j, i] = bad
         with pytest.raises(ValueError, match="non-finite"):
             UPGradWeighting()(G)
         with pytest.raises(ValueError, match="non-finite"):
