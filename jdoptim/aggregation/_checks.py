@@ -110,6 +110,7 @@ def check_gramian(gramian: Tensor, name: str = "gramian") -> None:
         # Both checks at once: a non-finite entry G_ij makes G_ij - G_ji non-finite, so a finite
         # max|G| and max|G - G^T| <= rtol max|G| mean finite and symmetric; otherwise the entries
         # say which check fails. G - G^T is antisymmetric: its largest entry is its largest |.|.
+        # Host reads: validation, on CPU tensors only in the default mode (see the module).
         low, high = torch.aminmax(gramian)
         asym, low, high = (gramian - gramian.mT).amax().item(), low.item(), high.item()
         scale = max(high, -low)

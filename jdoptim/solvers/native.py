@@ -152,6 +152,13 @@ def _library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+def _loaded_library() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("jdoptim's native solver is not available (see `native.available`).")
+    return lib
+
+
 def available() -> bool:
     """The compiled solver is built and loaded (see the module docstring)."""
     return _library() is not None
@@ -185,9 +192,7 @@ def solve(
     ``[k]`` mask of the rows the method finished (the others hold garbage: solve them another
     way). The finished rows are exact solutions of the face they end on; check them
     (``certify``) before use."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("jdoptim's native solver is not available (see `native.available`).")
+    lib = _loaded_library()
     k, m = lower.shape
     G, U = _readable(gramian), _readable(lower)  # read through data pointers (no autograd)
     C = U @ G if products is None else _readable(products)
@@ -226,9 +231,7 @@ def certify(gramian: Tensor, lower: Tensor, x: Tensor, mu: float, rtol: float) -
     the snapping, the clamped residual and the norms of every row in one pass (at m = 64 the
     torch version is a dozen operations, 80-90 us; this one a product and a call). Rows with a
     non-finite entry are not certified. Returns a ``[k]`` boolean tensor."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("jdoptim's native solver is not available (see `native.available`).")
+    lib = _loaded_library()
     k, m = lower.shape
     G, U, X = _readable(gramian), _readable(lower), _readable(x)
     R = X @ G
